@@ -1,0 +1,20 @@
+/* cluster.core: the C core's entry point. Each concept lives in its own file and adds
+ * its functions here through its cl_open_* function. */
+#include "util.h"
+
+int luaopen_cluster_core(lua_State *L) {
+  lua_newtable(L);
+  cl_open_loop(L);
+  cl_open_timer(L);
+  cl_open_codec(L);
+  cl_open_process(L);
+  cl_open_channel(L);
+  cl_open_signal(L);
+  cl_open_stream(L);
+  cl_open_udp(L);
+  cl_open_tty(L);
+  cl_open_sys(L);
+  lua_pushinteger(L, CL_MAX_MESSAGE);
+  lua_setfield(L, -2, "MAX_MESSAGE");
+  return 1;
+}

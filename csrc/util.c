@@ -1,0 +1,305 @@
+/* Shared plumbing: buffers, handle lifetime, protected callbacks, errors, signals. */
+#include "util.h"
+
+#include <errno.h>
+#include <signal.h>
+#include <stdlib.h>
+#include <string.h>
+#include <strings.h>
+
+static const char HANDLE_TYPES[] = "cluster.handle_types"; /* registry: tname -> true */
+static int pending_error_ref = LUA_NOREF;
+
+uv_loop_t *cl_loop(void) { return uv_default_loop(); }
+
+/* ---- buffers ---- */
+
+int cl_buf_reserve(cl_buf *b, size_t n) {
+  if (b->cap - b->len >= n) return 0;
+  size_t cap = b->cap ? b->cap : 256;
+  while (cap - b->len < n) {
+    if (cap > SIZE_MAX / 2) return -1;
+    cap *= 2;
+  }
+  char *p = realloc(b->data, cap);
+  if (p == NULL) return -1;
+  b->data = p;
+  b->cap = cap;
+  return 0;
+}
+
+int cl_buf_append(cl_buf *b, const void *p, size_t n) {
+  if (cl_buf_reserve(b, n) != 0) return -1;
+  memcpy(b->data + b->len, p, n);
+  b->len += n;
+  return 0;
+}
+
+void cl_buf_free(cl_buf *b) {
+  free(b->data);
+  b->data = NULL;
+  b->len = b->cap = 0;
+}
+
+/* ---- handles ---- */
+
+cl_handle *cl_handle_new(lua_State *L, size_t size, const char *tname) {
+  cl_handle *h = calloc(1, size);
+  if (h == NULL) luaL_error(L, "out of memory");
+  cl_handle **box = lua_newuserdatauv(L, sizeof *box, 1);
+  *box = h;
+  luaL_setmetatable(L, tname);
+  h->L = L;
+  h->box = box;
+  for (int i = 0; i < CL_MAX_CBS; i++) h->cbs[i] = LUA_NOREF;
+  h->close_ref = LUA_NOREF;
+  lua_pushvalue(L, -1);
+  h->self_ref = luaL_ref(L, LUA_REGISTRYINDEX);
+  h->u.handle.data = h;
+  return h;
+}
+
+static int is_handle_type(lua_State *L, int idx) {
+  if (!lua_getmetatable(L, idx)) return 0;
+  lua_getfield(L, -1, "__name");
+  lua_getfield(L, LUA_REGISTRYINDEX, HANDLE_TYPES);
+  lua_pushvalue(L, -2);
+  int found = lua_rawget(L, -2) == LUA_TBOOLEAN;
+  lua_pop(L, 4);
+  return found;
+}
+
+cl_handle *cl_handle_test(lua_State *L, int idx) {
+  if (lua_type(L, idx) != LUA_TUSERDATA || !is_handle_type(L, idx)) return NULL;
+  cl_handle **box = lua_touserdata(L, idx);
+  return *box;
+}
+
+cl_handle *cl_handle_check(lua_State *L, int idx, const char *tname) {
+  cl_handle **box = luaL_checkudata(L, idx, tname);
+  if (*box == NULL || cl_handle_is_closing(*box))
+    luaL_argerror(L, idx, "handle is closed");
+  return *box;
+}
+
+int cl_handle_is_closing(cl_handle *h) {
+  return uv_is_closing(&h->u.handle);
+}
+
+static void on_handle_closed(uv_handle_t *uvh) {
+  cl_handle *h = uvh->data;
+  lua_State *L = h->L;
+  if (h->on_free) h->on_free(h);
+  int close_ref = h->close_ref;
+  for (int i = 0; i < CL_MAX_CBS; i++) luaL_unref(L, LUA_REGISTRYINDEX, h->cbs[i]);
+  *h->box = NULL;
+  int self_ref = h->self_ref;
+  free(h);
+  if (close_ref != LUA_NOREF) {
+    lua_rawgeti(L, LUA_REGISTRYINDEX, close_ref);
+    luaL_unref(L, LUA_REGISTRYINDEX, close_ref);
+    cl_call(L, 0);
+  }
+  luaL_unref(L, LUA_REGISTRYINDEX, self_ref);
+}
+
+void cl_handle_close(cl_handle *h) {
+  if (!uv_is_closing(&h->u.handle)) uv_close(&h->u.handle, on_handle_closed);
+}
+
+int cl_handle_close_method(lua_State *L) {
+  luaL_argcheck(L, lua_type(L, 1) == LUA_TUSERDATA && is_handle_type(L, 1), 1,
+                "expected a cluster handle");
+  cl_handle *h = *(cl_handle **)lua_touserdata(L, 1);
+  if (h == NULL || cl_handle_is_closing(h)) return 0;
+  if (!lua_isnoneornil(L, 2)) {
+    luaL_checktype(L, 2, LUA_TFUNCTION);
+    lua_pushvalue(L, 2);
+    h->close_ref = luaL_ref(L, LUA_REGISTRYINDEX);
+  }
+  cl_handle_close(h);
+  return 0;
+}
+
+static cl_handle *check_any(lua_State *L) {
+  cl_handle *h = cl_handle_test(L, 1);
+  luaL_argcheck(L, h != NULL, 1, "expected an open cluster handle");
+  return h;
+}
+
+int cl_handle_ref_method(lua_State *L) { uv_ref(&check_any(L)->u.handle); return 0; }
+int cl_handle_unref_method(lua_State *L) { uv_unref(&check_any(L)->u.handle); return 0; }
+int cl_handle_fileno_method(lua_State *L) {
+  uv_os_fd_t fd;
+  int err = uv_fileno(&check_any(L)->u.handle, &fd);
+  if (err) return cl_push_fail(L, err, "fileno");
+  lua_pushinteger(L, fd);
+  return 1;
+}
+
+static int handle_gc(lua_State *L) {
+  /* Open handles are pinned, so a collected userdata is closed already, or the
+   * state is closing at exit, when the loop will not run again: nothing to do. */
+  (void)L;
+  return 0;
+}
+
+static int handle_tostring(lua_State *L) {
+  cl_handle **box = lua_touserdata(L, 1);
+  luaL_getmetafield(L, 1, "__name");
+  lua_pushfstring(L, "%s: %p%s", lua_tostring(L, -1), (void *)*box, *box ? "" : " (closed)");
+  return 1;
+}
+
+void cl_handle_register(lua_State *L, const char *tname, const luaL_Reg *methods) {
+  luaL_newmetatable(L, tname);
+  lua_newtable(L);
+  luaL_setfuncs(L, methods, 0);
+  lua_setfield(L, -2, "__index");
+  lua_pushcfunction(L, handle_gc);
+  lua_setfield(L, -2, "__gc");
+  lua_pushcfunction(L, cl_handle_close_method);
+  lua_setfield(L, -2, "__close");
+  lua_pushcfunction(L, handle_tostring);
+  lua_setfield(L, -2, "__tostring");
+  lua_pop(L, 1);
+  if (lua_getfield(L, LUA_REGISTRYINDEX, HANDLE_TYPES) != LUA_TTABLE) {
+    lua_pop(L, 1);
+    lua_newtable(L);
+    lua_pushvalue(L, -1);
+    lua_setfield(L, LUA_REGISTRYINDEX, HANDLE_TYPES);
+  }
+  lua_pushboolean(L, 1);
+  lua_setfield(L, -2, tname);
+  lua_pop(L, 1);
+}
+
+/* ---- callbacks ---- */
+
+void cl_set_cb(lua_State *L, cl_handle *h, int slot, int idx) {
+  luaL_unref(L, LUA_REGISTRYINDEX, h->cbs[slot]);
+  h->cbs[slot] = LUA_NOREF;
+  if (!lua_isnoneornil(L, idx)) {
+    luaL_checktype(L, idx, LUA_TFUNCTION);
+    lua_pushvalue(L, idx);
+    h->cbs[slot] = luaL_ref(L, LUA_REGISTRYINDEX);
+  }
+}
+
+int cl_push_cb(cl_handle *h, int slot) {
+  if (h->cbs[slot] == LUA_NOREF) return 0;
+  lua_rawgeti(h->L, LUA_REGISTRYINDEX, h->cbs[slot]);
+  return 1;
+}
+
+static int traceback(lua_State *L) {
+  const char *msg = lua_tostring(L, 1);
+  if (msg == NULL && !lua_isnoneornil(L, 1)) {
+    if (luaL_callmeta(L, 1, "__tostring") && lua_type(L, -1) == LUA_TSTRING) return 1;
+    msg = lua_pushfstring(L, "(error object is a %s value)", luaL_typename(L, 1));
+  }
+  luaL_traceback(L, L, msg, 1);
+  return 1;
+}
+
+int cl_call(lua_State *L, int nargs) {
+  int base = lua_gettop(L) - nargs;
+  lua_pushcfunction(L, traceback);
+  lua_insert(L, base);
+  int rc = lua_pcall(L, nargs, 0, base);
+  if (rc == LUA_OK) {
+    lua_remove(L, base);
+    return 0;
+  }
+  if (pending_error_ref == LUA_NOREF)
+    pending_error_ref = luaL_ref(L, LUA_REGISTRYINDEX);
+  else
+    lua_pop(L, 1);
+  lua_remove(L, base);
+  uv_stop(cl_loop());
+  return -1;
+}
+
+int cl_take_error(lua_State *L) {
+  if (pending_error_ref == LUA_NOREF) return 0;
+  lua_rawgeti(L, LUA_REGISTRYINDEX, pending_error_ref);
+  luaL_unref(L, LUA_REGISTRYINDEX, pending_error_ref);
+  pending_error_ref = LUA_NOREF;
+  return 1;
+}
+
+/* ---- errors ---- */
+
+int cl_push_fail(lua_State *L, int uverr, const char *what) {
+  lua_pushnil(L);
+  if (what)
+    lua_pushfstring(L, "%s %s: %s", what, uv_err_name(uverr), uv_strerror(uverr));
+  else
+    lua_pushfstring(L, "%s: %s", uv_err_name(uverr), uv_strerror(uverr));
+  lua_pushstring(L, uv_err_name(uverr));
+  return 3;
+}
+
+static int error_tostring(lua_State *L) {
+  lua_getfield(L, 1, "message");
+  return 1;
+}
+
+void cl_push_error_object(lua_State *L, int uverr, const char *syscall, const char *detail) {
+  lua_createtable(L, 0, 5);
+  lua_pushstring(L, uv_err_name(uverr));
+  lua_setfield(L, -2, "code");
+  lua_pushinteger(L, uverr);
+  lua_setfield(L, -2, "errno");
+  lua_pushstring(L, syscall);
+  lua_setfield(L, -2, "syscall");
+  if (detail && *detail)
+    lua_pushfstring(L, "%s %s %s", syscall, uv_err_name(uverr), detail);
+  else
+    lua_pushfstring(L, "%s %s", syscall, uv_err_name(uverr));
+  lua_setfield(L, -2, "message");
+  if (luaL_newmetatable(L, "cluster.error")) {
+    lua_pushcfunction(L, error_tostring);
+    lua_setfield(L, -2, "__tostring");
+  }
+  lua_setmetatable(L, -2);
+}
+
+/* ---- signals ---- */
+
+static const struct { const char *name; int num; } SIGNALS[] = {
+  {"SIGHUP", SIGHUP}, {"SIGINT", SIGINT}, {"SIGQUIT", SIGQUIT}, {"SIGILL", SIGILL},
+  {"SIGTRAP", SIGTRAP}, {"SIGABRT", SIGABRT}, {"SIGBUS", SIGBUS}, {"SIGFPE", SIGFPE},
+  {"SIGKILL", SIGKILL}, {"SIGUSR1", SIGUSR1}, {"SIGSEGV", SIGSEGV}, {"SIGUSR2", SIGUSR2},
+  {"SIGPIPE", SIGPIPE}, {"SIGALRM", SIGALRM}, {"SIGTERM", SIGTERM}, {"SIGCHLD", SIGCHLD},
+  {"SIGCONT", SIGCONT}, {"SIGSTOP", SIGSTOP}, {"SIGTSTP", SIGTSTP}, {"SIGTTIN", SIGTTIN},
+  {"SIGTTOU", SIGTTOU}, {"SIGURG", SIGURG}, {"SIGXCPU", SIGXCPU}, {"SIGXFSZ", SIGXFSZ},
+  {"SIGVTALRM", SIGVTALRM}, {"SIGPROF", SIGPROF}, {"SIGWINCH", SIGWINCH}, {"SIGIO", SIGIO},
+  {"SIGPWR", SIGPWR}, {"SIGSYS", SIGSYS},
+};
+
+int cl_signal_number(const char *name) {
+  for (size_t i = 0; i < sizeof SIGNALS / sizeof SIGNALS[0]; i++) {
+    if (strcasecmp(name, SIGNALS[i].name) == 0 || strcasecmp(name, SIGNALS[i].name + 3) == 0)
+      return SIGNALS[i].num;
+  }
+  return -1;
+}
+
+const char *cl_signal_name(int signum) {
+  for (size_t i = 0; i < sizeof SIGNALS / sizeof SIGNALS[0]; i++)
+    if (SIGNALS[i].num == signum) return SIGNALS[i].name;
+  return NULL;
+}
+
+int cl_check_signal(lua_State *L, int idx, const char *fname) {
+  if (lua_isinteger(L, idx)) {
+    lua_Integer n = lua_tointeger(L, idx);
+    if (n >= 0 && n < 65) return (int)n;
+  } else if (lua_type(L, idx) == LUA_TSTRING) {
+    int n = cl_signal_number(lua_tostring(L, idx));
+    if (n > 0) return n;
+  }
+  return luaL_error(L, "%s: bad argument #%d (signal): expected a signal name such as \"SIGTERM\" or a number, got %s",
+                    fname, idx, lua_type(L, idx) == LUA_TSTRING ? lua_tostring(L, idx) : luaL_typename(L, idx));
+}

@@ -1,0 +1,112 @@
+/* Shared plumbing for the C core: handle lifetime, callbacks, errors, buffers.
+ * Every other csrc/ file includes this; nothing here is specific to one concept. */
+#ifndef CLUSTER_UTIL_H
+#define CLUSTER_UTIL_H
+
+#include <stddef.h>
+#include <stdint.h>
+#include <uv.h>
+#include <lua.h>
+#include <lauxlib.h>
+
+/* Largest message payload a channel sends or accepts (documented in the README). */
+#define CL_MAX_MESSAGE (64u * 1024u * 1024u)
+
+/* The one loop of the process. */
+uv_loop_t *cl_loop(void);
+
+/* ---- growable byte buffer (malloc'ed) ---- */
+typedef struct cl_buf {
+  char *data;
+  size_t len, cap;
+} cl_buf;
+
+/* Makes room for n more bytes; returns 0 or -1 when out of memory. */
+int cl_buf_reserve(cl_buf *b, size_t n);
+int cl_buf_append(cl_buf *b, const void *p, size_t n);
+void cl_buf_free(cl_buf *b);
+
+/* ---- handles ----
+ * A libuv handle lives in malloc'ed memory (libuv may outlive the GC); the Lua
+ * userdata holds only a pointer to it (luv's handle.c). While the handle is open
+ * the userdata is pinned by a registry ref (self_ref) and released in the close
+ * callback, where the memory is freed and the userdata's pointer set to NULL. */
+#define CL_MAX_CBS 4
+
+typedef struct cl_handle {
+  union {
+    uv_handle_t handle;
+    uv_stream_t stream;
+    uv_tcp_t tcp;
+    uv_pipe_t pipe;
+    uv_udp_t udp;
+    uv_timer_t timer;
+    uv_process_t process;
+    uv_signal_t signal;
+    uv_poll_t poll;
+  } u;
+  lua_State *L;
+  struct cl_handle **box;  /* the userdata's pointer slot */
+  int self_ref;            /* registry ref pinning the userdata while open */
+  int cbs[CL_MAX_CBS];     /* registry refs of Lua callbacks, LUA_NOREF if none */
+  int close_ref;           /* callback for close, LUA_NOREF if none */
+  void (*on_free)(struct cl_handle *); /* type-specific cleanup before free, may be NULL */
+} cl_handle;
+
+/* Allocates `size` bytes (>= sizeof(cl_handle), the concept's struct starting with a
+ * cl_handle), pushes a userdata with metatable `tname`, pins it. The uv handle itself
+ * must still be initialised by the caller (uv_*_init) with data = the cl_handle. */
+cl_handle *cl_handle_new(lua_State *L, size_t size, const char *tname);
+/* Checks that idx is a userdata of type tname and open; raises otherwise. */
+cl_handle *cl_handle_check(lua_State *L, int idx, const char *tname);
+/* Same without type check: any cluster handle type (for fd passing). NULL if not one. */
+cl_handle *cl_handle_test(lua_State *L, int idx);
+/* Registers metatable tname with methods (luaL_Reg, __index = methods) and the common
+ * metamethods __gc, __close, __tostring; marks it as a cluster handle type. */
+void cl_handle_register(lua_State *L, const char *tname, const luaL_Reg *methods);
+/* Starts closing; the close callback frees everything. Safe to call twice. */
+void cl_handle_close(cl_handle *h);
+int cl_handle_is_closing(cl_handle *h);
+/* The generic Lua method h:close([cb]) for any handle type. */
+int cl_handle_close_method(lua_State *L);
+/* h:ref() / h:unref() / h:fileno() common methods. */
+int cl_handle_ref_method(lua_State *L);
+int cl_handle_unref_method(lua_State *L);
+int cl_handle_fileno_method(lua_State *L);
+
+/* Stores the function at idx (or nil) in slot `slot` of h. */
+void cl_set_cb(lua_State *L, cl_handle *h, int slot, int idx);
+/* Pushes the callback in slot; returns 0 (pushing nothing) when none. */
+int cl_push_cb(cl_handle *h, int slot);
+
+/* Calls the function below nargs arguments on the stack in protected mode with a
+ * traceback. On error the error is kept, the loop stops, and run()/poll() re-raise it.
+ * Returns 0 on success, -1 on error. Pops function and arguments; pushes nothing. */
+int cl_call(lua_State *L, int nargs);
+/* Pending error (from a callback) to re-raise: pushes it and returns 1, else 0. */
+int cl_take_error(lua_State *L);
+
+/* luv's triple for operational failure: pushes nil, "<syscall> <ERRNAME>: <strerror>", ERRNAME; returns 3. */
+int cl_push_fail(lua_State *L, int uverr, const char *what);
+/* Pushes a contract error object {code=, errno=, syscall=, message=} (metatable with __tostring). */
+void cl_push_error_object(lua_State *L, int uverr, const char *syscall, const char *detail);
+
+/* Signal names <-> numbers. Returns -1 / NULL when unknown. */
+int cl_signal_number(const char *name);
+const char *cl_signal_name(int signum);
+/* Accepts a name ("SIGTERM", "TERM") or a number at idx; raises naming fname/arg otherwise. */
+int cl_check_signal(lua_State *L, int idx, const char *fname);
+
+/* Per-concept openers: each adds its functions to the table at the top of the stack. */
+void cl_open_loop(lua_State *L);
+void cl_open_timer(lua_State *L);
+void cl_open_codec(lua_State *L);
+void cl_open_process(lua_State *L);
+void cl_open_channel(lua_State *L);
+void cl_open_signal(lua_State *L);
+void cl_open_stream(lua_State *L);
+void cl_open_udp(lua_State *L);
+void cl_open_tty(lua_State *L);
+void cl_open_sys(lua_State *L);
+
+#endif
