@@ -1,3 +1,551 @@
-/* placeholder: being written */
-#include "util.h"
-void cl_open_stream(lua_State *L) { (void)L; }
+/* TCP and unix-pipe streams: core.tcp_new() -> cluster.tcp, core.pipe_new() -> cluster.pipe.
+ * Both share the stream methods (listen, accept, read, write, shutdown); bind, connect
+ * and the address methods differ by kind. Mechanism only: buffering for backpressure,
+ * events and graceful close are decided in lua/cluster/net.lua.
+ *
+ * Host names: connect() resolves any host with uv_getaddrinfo (preferring an IPv4
+ * result, as Node's dns.lookup did before v17); bind() takes numeric addresses and
+ * "localhost" (127.0.0.1) only, so that binding never waits on the resolver. */
+#include "stream.h"
+
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#define TCP_TNAME "cluster.tcp"
+#define PIPE_TNAME "cluster.pipe"
+
+/* Callback slots of a stream's cl_handle. */
+enum { SLOT_CONNECTION = 0, SLOT_READ = 1 };
+
+/* A request in flight: libuv's req first, then what the callback needs. */
+typedef struct {
+  union {
+    uv_req_t req;
+    uv_write_t write;
+    uv_connect_t connect;
+    uv_shutdown_t shutdown;
+    uv_getaddrinfo_t gai;
+  } u;
+  lua_State *L;
+  int cb_ref;     /* the Lua callback, LUA_NOREF if none */
+  int data_ref;   /* the string being written, kept alive while libuv reads it */
+  int handle_ref; /* the stream userdata, while a name is being resolved */
+  int port;
+  uv_buf_t buf;
+  char detail[300]; /* "host:port" or the path, for error messages */
+} stream_req;
+
+static stream_req *req_new(lua_State *L) {
+  stream_req *r = calloc(1, sizeof *r);
+  if (r == NULL) luaL_error(L, "out of memory");
+  r->L = L;
+  r->cb_ref = r->data_ref = r->handle_ref = LUA_NOREF;
+  return r;
+}
+
+static void req_free(stream_req *r) {
+  luaL_unref(r->L, LUA_REGISTRYINDEX, r->cb_ref);
+  luaL_unref(r->L, LUA_REGISTRYINDEX, r->data_ref);
+  luaL_unref(r->L, LUA_REGISTRYINDEX, r->handle_ref);
+  free(r);
+}
+
+/* Calls the request's callback with nil or an error object, then frees the request.
+ * `with_address`: add address/port (TCP) or path (pipe) fields from r->detail. */
+static void req_finish(stream_req *r, int status, const char *syscall, int kind) {
+  lua_State *L = r->L;
+  if (r->cb_ref == LUA_NOREF) {
+    req_free(r);
+    return;
+  }
+  lua_rawgeti(L, LUA_REGISTRYINDEX, r->cb_ref);
+  if (status == 0) {
+    lua_pushnil(L);
+  } else {
+    cl_push_error_object(L, status, syscall, r->detail);
+    if (kind == UV_TCP && r->port >= 0) {
+      /* detail is "host:port"; the host is everything before the last colon */
+      const char *colon = strrchr(r->detail, ':');
+      if (colon) {
+        lua_pushlstring(L, r->detail, (size_t)(colon - r->detail));
+        lua_setfield(L, -2, "address");
+        lua_pushinteger(L, r->port);
+        lua_setfield(L, -2, "port");
+      }
+    } else if (kind == UV_NAMED_PIPE && r->detail[0]) {
+      lua_pushstring(L, r->detail);
+      lua_setfield(L, -2, "path");
+    }
+  }
+  req_free(r);
+  cl_call(L, 1);
+}
+
+/* ---- helpers shared with udp.c ---- */
+
+int cl_parse_addr(const char *host, int port, struct sockaddr_storage *ss) {
+  memset(ss, 0, sizeof *ss);
+  if (strcmp(host, "localhost") == 0) host = "127.0.0.1";
+  if (uv_ip4_addr(host, port, (struct sockaddr_in *)ss) == 0) return 0;
+  if (uv_ip6_addr(host, port, (struct sockaddr_in6 *)ss) == 0) return 0;
+  return UV_EINVAL;
+}
+
+void cl_push_sockaddr(lua_State *L, const struct sockaddr *sa) {
+  char ip[INET6_ADDRSTRLEN + 16] = "";
+  int port = 0;
+  const char *family = "unknown";
+  if (sa->sa_family == AF_INET) {
+    const struct sockaddr_in *in = (const struct sockaddr_in *)sa;
+    uv_ip4_name(in, ip, sizeof ip);
+    port = ntohs(in->sin_port);
+    family = "IPv4";
+  } else if (sa->sa_family == AF_INET6) {
+    const struct sockaddr_in6 *in6 = (const struct sockaddr_in6 *)sa;
+    uv_ip6_name(in6, ip, sizeof ip);
+    port = ntohs(in6->sin6_port);
+    family = "IPv6";
+  }
+  lua_createtable(L, 0, 3);
+  lua_pushstring(L, ip);
+  lua_setfield(L, -2, "address");
+  lua_pushinteger(L, port);
+  lua_setfield(L, -2, "port");
+  lua_pushstring(L, family);
+  lua_setfield(L, -2, "family");
+}
+
+/* ---- creation ---- */
+
+uv_handle_t *cl_stream_new(lua_State *L, uv_handle_type type) {
+  cl_handle *h;
+  switch (type) {
+  case UV_TCP:
+    h = cl_handle_new(L, sizeof(cl_handle), TCP_TNAME);
+    uv_tcp_init(cl_loop(), &h->u.tcp); /* AF_UNSPEC: creates no socket, cannot fail */
+    return &h->u.handle;
+  case UV_NAMED_PIPE:
+    h = cl_handle_new(L, sizeof(cl_handle), PIPE_TNAME);
+    uv_pipe_init(cl_loop(), &h->u.pipe, 0);
+    return &h->u.handle;
+  case UV_UDP:
+    return cl_udp_new(L, AF_UNSPEC); /* AF_UNSPEC cannot fail either */
+  default:
+    lua_pushnil(L);
+    return NULL;
+  }
+}
+
+static int l_tcp_new(lua_State *L) {
+  cl_stream_new(L, UV_TCP);
+  return 1;
+}
+
+static int l_pipe_new(lua_State *L) {
+  cl_stream_new(L, UV_NAMED_PIPE);
+  return 1;
+}
+
+/* ---- argument checks ---- */
+
+static cl_handle *check_stream(lua_State *L, int idx) {
+  cl_handle **box = luaL_testudata(L, idx, TCP_TNAME);
+  if (box == NULL) box = luaL_testudata(L, idx, PIPE_TNAME);
+  if (box == NULL) luaL_typeerror(L, idx, "cluster.tcp or cluster.pipe");
+  if (*box == NULL || cl_handle_is_closing(*box)) luaL_argerror(L, idx, "handle is closed");
+  return *box;
+}
+
+static int is_tcp(cl_handle *h) { return h->u.handle.type == UV_TCP; }
+
+static int check_port(lua_State *L, int idx) {
+  lua_Integer port = luaL_checkinteger(L, idx);
+  luaL_argcheck(L, port >= 0 && port <= 65535, idx, "port must be in 0..65535");
+  return (int)port;
+}
+
+static int opt_flag(lua_State *L, int idx, const char *field) {
+  if (lua_isnoneornil(L, idx)) return 0;
+  luaL_checktype(L, idx, LUA_TTABLE);
+  lua_getfield(L, idx, field);
+  int on = lua_toboolean(L, -1);
+  lua_pop(L, 1);
+  return on;
+}
+
+/* ---- bind / listen / accept ---- */
+
+/* tcp:bind(host, port[, {ipv6Only=}]) / pipe:bind(path) -> true | nil, msg, code */
+static int s_bind(lua_State *L) {
+  cl_handle *h = check_stream(L, 1);
+  int err;
+  if (is_tcp(h)) {
+    const char *host = luaL_checkstring(L, 2);
+    int port = check_port(L, 3);
+    unsigned flags = opt_flag(L, 4, "ipv6Only") ? UV_TCP_IPV6ONLY : 0;
+    struct sockaddr_storage ss;
+    err = cl_parse_addr(host, port, &ss);
+    if (err == 0) err = uv_tcp_bind(&h->u.tcp, (struct sockaddr *)&ss, flags);
+  } else {
+    err = uv_pipe_bind(&h->u.pipe, luaL_checkstring(L, 2));
+  }
+  if (err) return cl_push_fail(L, err, "bind");
+  lua_pushboolean(L, 1);
+  return 1;
+}
+
+static void on_connection(uv_stream_t *server, int status) {
+  cl_handle *h = server->data;
+  if (!cl_push_cb(h, SLOT_CONNECTION)) return;
+  if (status < 0) cl_push_error_object(h->L, status, "accept", NULL);
+  else lua_pushnil(h->L);
+  cl_call(h->L, 1);
+}
+
+/* s:listen(backlog, on_connection(err)) -> true | nil, msg, code.
+ * A bind error that libuv delays (EADDRINUSE) is reported here. */
+static int s_listen(lua_State *L) {
+  cl_handle *h = check_stream(L, 1);
+  lua_Integer backlog = luaL_checkinteger(L, 2);
+  luaL_checktype(L, 3, LUA_TFUNCTION);
+  luaL_argcheck(L, backlog >= 0 && backlog <= 0x7fffffff, 2, "backlog out of range");
+  int err = uv_listen(&h->u.stream, (int)backlog, on_connection);
+  if (err) return cl_push_fail(L, err, "listen");
+  cl_set_cb(L, h, SLOT_CONNECTION, 3);
+  lua_pushboolean(L, 1);
+  return 1;
+}
+
+/* s:accept() -> stream of the same kind | nil, msg, code */
+static int s_accept(lua_State *L) {
+  cl_handle *h = check_stream(L, 1);
+  uv_handle_t *client = cl_stream_new(L, h->u.handle.type);
+  int err = uv_accept(&h->u.stream, (uv_stream_t *)client);
+  if (err) {
+    cl_handle_close(client->data);
+    lua_pop(L, 1);
+    return cl_push_fail(L, err, "accept");
+  }
+  return 1;
+}
+
+/* ---- connect ---- */
+
+static void on_connect(uv_connect_t *c, int status) {
+  stream_req *r = (stream_req *)c;
+  req_finish(r, status, "connect", c->handle->type);
+}
+
+/* Picks the first IPv4 result, else the first one. */
+static const struct sockaddr *pick_addr(const struct addrinfo *res) {
+  for (const struct addrinfo *ai = res; ai; ai = ai->ai_next)
+    if (ai->ai_family == AF_INET) return ai->ai_addr;
+  for (const struct addrinfo *ai = res; ai; ai = ai->ai_next)
+    if (ai->ai_family == AF_INET6) return ai->ai_addr;
+  return NULL;
+}
+
+static void on_resolved(uv_getaddrinfo_t *gai, int status, struct addrinfo *res) {
+  stream_req *r = (stream_req *)gai;
+  lua_State *L = r->L;
+  lua_rawgeti(L, LUA_REGISTRYINDEX, r->handle_ref);
+  cl_handle *h = *(cl_handle **)lua_touserdata(L, -1);
+  lua_pop(L, 1);
+  luaL_unref(L, LUA_REGISTRYINDEX, r->handle_ref);
+  r->handle_ref = LUA_NOREF;
+  const char *syscall = "getaddrinfo";
+  if (status == 0 && (h == NULL || cl_handle_is_closing(h))) status = UV_ECANCELED;
+  if (status == 0) {
+    const struct sockaddr *sa = pick_addr(res);
+    if (sa == NULL) {
+      status = UV_EAI_ADDRFAMILY;
+    } else {
+      struct sockaddr_storage ss;
+      memcpy(&ss, sa, sa->sa_family == AF_INET ? sizeof(struct sockaddr_in) : sizeof(struct sockaddr_in6));
+      ((struct sockaddr_in *)&ss)->sin_port = htons((uint16_t)r->port); /* same offset in in6 */
+      /* The getaddrinfo request is over; a fresh one for the connect keeps the unions apart. */
+      stream_req *c = req_new(L);
+      c->cb_ref = r->cb_ref;
+      c->port = r->port;
+      memcpy(c->detail, r->detail, sizeof c->detail);
+      r->cb_ref = LUA_NOREF;
+      status = uv_tcp_connect(&c->u.connect, &h->u.tcp, (struct sockaddr *)&ss, on_connect);
+      if (status == 0) {
+        uv_freeaddrinfo(res);
+        req_free(r);
+        return;
+      }
+      r->cb_ref = c->cb_ref;
+      c->cb_ref = LUA_NOREF;
+      req_free(c);
+      syscall = "connect";
+    }
+  }
+  uv_freeaddrinfo(res);
+  req_finish(r, status, syscall, UV_TCP);
+}
+
+/* tcp:connect(host, port, cb(err)) / pipe:connect(path, cb(err)) -> true | nil, msg, code */
+static int s_connect(lua_State *L) {
+  cl_handle *h = check_stream(L, 1);
+  int err = 0;
+  if (is_tcp(h)) {
+    const char *host = luaL_checkstring(L, 2);
+    int port = check_port(L, 3);
+    luaL_checktype(L, 4, LUA_TFUNCTION);
+    stream_req *r = req_new(L);
+    lua_pushvalue(L, 4);
+    r->cb_ref = luaL_ref(L, LUA_REGISTRYINDEX);
+    r->port = port;
+    snprintf(r->detail, sizeof r->detail, "%s:%d", host, port);
+    struct sockaddr_storage ss;
+    if (cl_parse_addr(host, port, &ss) == 0) {
+      err = uv_tcp_connect(&r->u.connect, &h->u.tcp, (struct sockaddr *)&ss, on_connect);
+    } else {
+      struct addrinfo hints;
+      memset(&hints, 0, sizeof hints);
+      hints.ai_family = AF_UNSPEC;
+      hints.ai_socktype = SOCK_STREAM;
+      lua_pushvalue(L, 1);
+      r->handle_ref = luaL_ref(L, LUA_REGISTRYINDEX);
+      err = uv_getaddrinfo(cl_loop(), &r->u.gai, on_resolved, host, NULL, &hints);
+    }
+    if (err) req_free(r);
+  } else {
+    const char *path = luaL_checkstring(L, 2);
+    luaL_checktype(L, 3, LUA_TFUNCTION);
+    stream_req *r = req_new(L);
+    lua_pushvalue(L, 3);
+    r->cb_ref = luaL_ref(L, LUA_REGISTRYINDEX);
+    r->port = -1;
+    snprintf(r->detail, sizeof r->detail, "%s", path);
+    uv_pipe_connect(&r->u.connect, &h->u.pipe, path, on_connect); /* errors reach the callback */
+  }
+  if (err) return cl_push_fail(L, err, "connect");
+  lua_pushboolean(L, 1);
+  return 1;
+}
+
+/* ---- reading ---- */
+
+/* Reads are consumed (copied into a Lua string) inside the read callback, and libuv
+ * never interleaves two allocations before their reads, so one buffer serves all. */
+static char read_buffer[64 * 1024];
+
+static void on_alloc(uv_handle_t *uvh, size_t suggested, uv_buf_t *buf) {
+  (void)uvh;
+  (void)suggested;
+  buf->base = read_buffer;
+  buf->len = sizeof read_buffer;
+}
+
+static void on_read(uv_stream_t *stream, ssize_t nread, const uv_buf_t *buf) {
+  cl_handle *h = stream->data;
+  lua_State *L = h->L;
+  if (nread == 0) return; /* EAGAIN: nothing to report */
+  if (!cl_push_cb(h, SLOT_READ)) return;
+  if (nread > 0) {
+    lua_pushnil(L);
+    lua_pushlstring(L, buf->base, (size_t)nread);
+  } else if (nread == UV_EOF) {
+    lua_pushnil(L);
+    lua_pushnil(L);
+  } else {
+    cl_push_error_object(L, (int)nread, "read", NULL);
+    lua_pushnil(L);
+  }
+  cl_call(L, 2);
+}
+
+/* s:read_start(cb(err, chunk)); chunk nil (with err nil) means end of stream. */
+static int s_read_start(lua_State *L) {
+  cl_handle *h = check_stream(L, 1);
+  luaL_checktype(L, 2, LUA_TFUNCTION);
+  cl_set_cb(L, h, SLOT_READ, 2);
+  int err = uv_read_start(&h->u.stream, on_alloc, on_read);
+  if (err && err != UV_EALREADY) return cl_push_fail(L, err, "read");
+  lua_pushboolean(L, 1);
+  return 1;
+}
+
+static int s_read_stop(lua_State *L) {
+  cl_handle *h = check_stream(L, 1);
+  uv_read_stop(&h->u.stream);
+  return 0;
+}
+
+/* ---- writing ---- */
+
+static void on_write(uv_write_t *w, int status) {
+  req_finish((stream_req *)w, status, "write", -1);
+}
+
+/* s:write(data[, cb(err)]) -> bytes still queued | nil, msg, code.
+ * Tries a direct write first and queues only the remainder. The callback, when
+ * given, always runs later from the loop, after the data has been handed to the
+ * kernel (a fully written chunk queues an empty write to keep that order). */
+static int s_write(lua_State *L) {
+  cl_handle *h = check_stream(L, 1);
+  size_t len;
+  const char *data = luaL_checklstring(L, 2, &len);
+  int has_cb = !lua_isnoneornil(L, 3);
+  if (has_cb) luaL_checktype(L, 3, LUA_TFUNCTION);
+  size_t done = 0;
+  if (len > 0) {
+    uv_buf_t b = uv_buf_init((char *)data, (unsigned)len);
+    int n = uv_try_write(&h->u.stream, &b, 1);
+    if (n >= 0) done = (size_t)n;
+    else if (n != UV_EAGAIN && n != UV_ENOSYS) return cl_push_fail(L, n, "write");
+  }
+  if (done < len || has_cb) {
+    stream_req *r = req_new(L);
+    r->port = -1;
+    r->buf = uv_buf_init((char *)data + done, (unsigned)(len - done));
+    if (done < len) {
+      lua_pushvalue(L, 2);
+      r->data_ref = luaL_ref(L, LUA_REGISTRYINDEX);
+    }
+    if (has_cb) {
+      lua_pushvalue(L, 3);
+      r->cb_ref = luaL_ref(L, LUA_REGISTRYINDEX);
+    }
+    int err = uv_write(&r->u.write, &h->u.stream, &r->buf, 1, on_write);
+    if (err) {
+      req_free(r);
+      return cl_push_fail(L, err, "write");
+    }
+  }
+  lua_pushinteger(L, (lua_Integer)uv_stream_get_write_queue_size(&h->u.stream));
+  return 1;
+}
+
+static int s_write_queue_size(lua_State *L) {
+  cl_handle *h = check_stream(L, 1);
+  lua_pushinteger(L, (lua_Integer)uv_stream_get_write_queue_size(&h->u.stream));
+  return 1;
+}
+
+static void on_shutdown(uv_shutdown_t *s, int status) {
+  req_finish((stream_req *)s, status, "shutdown", -1);
+}
+
+/* s:shutdown([cb(err)]) -> true | nil, msg, code: ends the writing side once the
+ * queued writes are done. */
+static int s_shutdown(lua_State *L) {
+  cl_handle *h = check_stream(L, 1);
+  stream_req *r = req_new(L);
+  r->port = -1;
+  if (!lua_isnoneornil(L, 2)) {
+    luaL_checktype(L, 2, LUA_TFUNCTION);
+    lua_pushvalue(L, 2);
+    r->cb_ref = luaL_ref(L, LUA_REGISTRYINDEX);
+  }
+  int err = uv_shutdown(&r->u.shutdown, &h->u.stream, on_shutdown);
+  if (err) {
+    req_free(r);
+    return cl_push_fail(L, err, "shutdown");
+  }
+  lua_pushboolean(L, 1);
+  return 1;
+}
+
+/* ---- addresses and options ---- */
+
+static int push_name(lua_State *L, cl_handle *h, int peer) {
+  const char *what = peer ? "getpeername" : "getsockname";
+  int err;
+  if (is_tcp(h)) {
+    struct sockaddr_storage ss;
+    int len = sizeof ss;
+    err = peer ? uv_tcp_getpeername(&h->u.tcp, (struct sockaddr *)&ss, &len)
+               : uv_tcp_getsockname(&h->u.tcp, (struct sockaddr *)&ss, &len);
+    if (err) return cl_push_fail(L, err, what);
+    cl_push_sockaddr(L, (struct sockaddr *)&ss);
+    return 1;
+  }
+  char path[4096];
+  size_t len = sizeof path;
+  err = peer ? uv_pipe_getpeername(&h->u.pipe, path, &len)
+             : uv_pipe_getsockname(&h->u.pipe, path, &len);
+  if (err) return cl_push_fail(L, err, what);
+  lua_pushlstring(L, path, len);
+  return 1;
+}
+
+/* s:getsockname() / s:getpeername() -> {address=, port=, family=} (tcp) or path (pipe) */
+static int s_getsockname(lua_State *L) { return push_name(L, check_stream(L, 1), 0); }
+static int s_getpeername(lua_State *L) { return push_name(L, check_stream(L, 1), 1); }
+
+static cl_handle *check_tcp(lua_State *L, int idx) { return cl_handle_check(L, idx, TCP_TNAME); }
+
+/* tcp:nodelay(on) -> true | nil, msg, code */
+static int s_nodelay(lua_State *L) {
+  cl_handle *h = check_tcp(L, 1);
+  int err = uv_tcp_nodelay(&h->u.tcp, lua_toboolean(L, 2));
+  if (err) return cl_push_fail(L, err, "nodelay");
+  lua_pushboolean(L, 1);
+  return 1;
+}
+
+/* tcp:keepalive(on[, delay_seconds]) -> true | nil, msg, code */
+static int s_keepalive(lua_State *L) {
+  cl_handle *h = check_tcp(L, 1);
+  int on = lua_toboolean(L, 2);
+  lua_Integer delay = luaL_optinteger(L, 3, 1);
+  luaL_argcheck(L, !on || (delay >= 1 && delay <= 0x7fffffff), 3, "delay must be >= 1 second");
+  int err = uv_tcp_keepalive(&h->u.tcp, on, (unsigned)delay);
+  if (err) return cl_push_fail(L, err, "keepalive");
+  lua_pushboolean(L, 1);
+  return 1;
+}
+
+/* ---- errors for the Lua layer ---- */
+
+static int errno_from_name(const char *name) {
+#define XX(code, _) if (strcmp(name, #code) == 0) return UV_##code;
+  UV_ERRNO_MAP(XX)
+#undef XX
+  return 0;
+}
+
+/* core.error_object(code, syscall[, detail]) -> the contract's error object.
+ * code is a libuv error name ("EADDRINUSE", as cl_push_fail returns) or number.
+ * Lets Lua turn luv's triple into an error object for an 'error' event. */
+static int l_error_object(lua_State *L) {
+  int err;
+  if (lua_type(L, 1) == LUA_TNUMBER) {
+    err = (int)luaL_checkinteger(L, 1);
+  } else {
+    err = errno_from_name(luaL_checkstring(L, 1));
+    luaL_argcheck(L, err != 0, 1, "unknown error name");
+  }
+  luaL_argcheck(L, err < 0, 1, "not an error code");
+  const char *syscall = luaL_checkstring(L, 2);
+  cl_push_error_object(L, err, syscall, luaL_optstring(L, 3, NULL));
+  return 1;
+}
+
+void cl_open_stream(lua_State *L) {
+  static const luaL_Reg methods[] = {
+    {"bind", s_bind}, {"listen", s_listen}, {"accept", s_accept}, {"connect", s_connect},
+    {"read_start", s_read_start}, {"read_stop", s_read_stop}, {"write", s_write},
+    {"write_queue_size", s_write_queue_size}, {"shutdown", s_shutdown},
+    {"getsockname", s_getsockname}, {"getpeername", s_getpeername},
+    {"close", cl_handle_close_method}, {"fileno", cl_handle_fileno_method},
+    {"ref", cl_handle_ref_method}, {"unref", cl_handle_unref_method},
+    {NULL, NULL}};
+  static const luaL_Reg tcp_methods[] = {
+    {"nodelay", s_nodelay}, {"keepalive", s_keepalive}, {NULL, NULL}};
+  /* The tcp metatable gets the stream methods plus its own. */
+  cl_handle_register(L, TCP_TNAME, methods);
+  luaL_getmetatable(L, TCP_TNAME);
+  lua_getfield(L, -1, "__index");
+  luaL_setfuncs(L, tcp_methods, 0);
+  lua_pop(L, 2);
+  cl_handle_register(L, PIPE_TNAME, methods);
+  static const luaL_Reg fns[] = {
+    {"tcp_new", l_tcp_new}, {"pipe_new", l_pipe_new}, {"error_object", l_error_object},
+    {NULL, NULL}};
+  luaL_setfuncs(L, fns, 0);
+}
