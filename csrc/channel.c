@@ -1,3 +1,472 @@
-/* placeholder: being written */
-#include "util.h"
-void cl_open_channel(lua_State *L) { (void)L; }
+/* The IPC channel: framed messages over a libuv IPC pipe that can carry file descriptors.
+ *
+ * Sending never blocks the loop. Frames without a handle are appended to a per-channel
+ * buffer and handed to libuv in one write per loop iteration (a prepare handle flushes
+ * every channel with pending bytes), which keeps order and batches small messages.
+ * A frame with a handle flushes what is pending, then goes out alone with uv_write2 so
+ * the descriptor rides with its own bytes. libuv queues writes in order.
+ *
+ * Receiving: bytes accumulate in `in`; every complete frame is decoded and given to the
+ * Lua callback (flags, value, handle). Descriptors that arrive are accepted at once into
+ * stream/udp userdata and queued; a frame flagged CL_FRAME_HANDLE takes the oldest one.
+ * A malformed or oversized frame closes the channel and reports why to on_close. */
+#include "channel.h"
+#include "codec.h"
+#include "stream.h"
+
+#include <stdlib.h>
+#include <string.h>
+#include <poll.h>
+#include <errno.h>
+#include <stdio.h>
+
+#define TNAME "cluster.channel"
+#define CB_MESSAGE 0
+#define CB_CLOSE 1
+#define READ_CHUNK (64 * 1024)
+
+struct cl_channel {
+  cl_handle h;
+  cl_buf in;
+  size_t in_pos;          /* start of the first unparsed frame in `in` */
+  cl_buf out;             /* frames not yet handed to libuv */
+  int out_cbs;            /* registry ref of a table of send callbacks for `out`, or LUA_NOREF */
+  int handles_ref;        /* registry ref of a table queue of received handles */
+  int handles_head, handles_tail;
+  cl_channel *next_pending; /* in the flush list while `out` has bytes */
+  int in_flush_list;
+  int closed_reported;
+  int reading;
+};
+
+typedef struct write_req {
+  uv_write_t req;
+  cl_channel *ch;        /* NULL once the channel is gone */
+  lua_State *L;
+  char *data;
+  int cbs;               /* registry ref: table of callbacks, or a single function, or LUA_NOREF */
+  int send_handle_ref;   /* keeps the sent handle's userdata alive until written */
+} write_req;
+
+static cl_channel *flush_list = NULL;
+static uv_prepare_t flusher;
+static int flusher_ready = 0;
+
+static void flush(cl_channel *ch);
+
+static void on_prepare(uv_prepare_t *p) {
+  cl_channel *ch;
+  while ((ch = flush_list) != NULL) {
+    flush_list = ch->next_pending;
+    ch->in_flush_list = 0;
+    ch->next_pending = NULL;
+    flush(ch);
+  }
+  uv_prepare_stop(p);
+}
+
+static void schedule_flush(cl_channel *ch) {
+  if (ch->in_flush_list) return;
+  if (!flusher_ready) {
+    uv_prepare_init(cl_loop(), &flusher);
+    flusher_ready = 1;
+  }
+  ch->in_flush_list = 1;
+  ch->next_pending = flush_list;
+  flush_list = ch;
+  uv_prepare_start(&flusher, on_prepare);
+}
+
+static void unlink_flush(cl_channel *ch) {
+  if (!ch->in_flush_list) return;
+  for (cl_channel **pp = &flush_list; *pp; pp = &(*pp)->next_pending) {
+    if (*pp == ch) { *pp = ch->next_pending; break; }
+  }
+  ch->in_flush_list = 0;
+}
+
+/* Calls the callbacks kept for a write: each gets nil or an error object. */
+static void run_write_cbs(lua_State *L, int cbs, int status) {
+  if (cbs == LUA_NOREF) return;
+  lua_rawgeti(L, LUA_REGISTRYINDEX, cbs);
+  luaL_unref(L, LUA_REGISTRYINDEX, cbs);
+  if (lua_isfunction(L, -1)) {
+    if (status) cl_push_error_object(L, status, "write", NULL); else lua_pushnil(L);
+    cl_call(L, 1);
+    return;
+  }
+  lua_Integer n = luaL_len(L, -1);
+  for (lua_Integer i = 1; i <= n; i++) {
+    lua_rawgeti(L, -1, i);
+    if (status) cl_push_error_object(L, status, "write", NULL); else lua_pushnil(L);
+    cl_call(L, 1);
+  }
+  lua_pop(L, 1);
+}
+
+static void on_written(uv_write_t *req, int status) {
+  write_req *wr = (write_req *)req;
+  lua_State *L = wr->L;
+  free(wr->data);
+  luaL_unref(L, LUA_REGISTRYINDEX, wr->send_handle_ref);
+  int cbs = wr->cbs;
+  free(wr);
+  run_write_cbs(L, cbs, status);
+}
+
+static int submit(cl_channel *ch, char *data, size_t len, int cbs, uv_stream_t *send_handle, int send_handle_ref) {
+  write_req *wr = malloc(sizeof *wr);
+  if (wr == NULL) { free(data); return UV_ENOMEM; }
+  wr->ch = ch;
+  wr->L = ch->h.L;
+  wr->data = data;
+  wr->cbs = cbs;
+  wr->send_handle_ref = send_handle_ref;
+  uv_buf_t buf = uv_buf_init(data, (unsigned)len);
+  int err = send_handle
+    ? uv_write2(&wr->req, &ch->h.u.stream, &buf, 1, send_handle, on_written)
+    : uv_write(&wr->req, &ch->h.u.stream, &buf, 1, on_written);
+  if (err) {
+    free(data);
+    luaL_unref(wr->L, LUA_REGISTRYINDEX, send_handle_ref);
+    free(wr);
+  }
+  return err;
+}
+
+/* Hands the pending bytes to libuv as one write. */
+static void flush(cl_channel *ch) {
+  if (ch->out.len == 0 || cl_handle_is_closing(&ch->h)) return;
+  char *data = ch->out.data;
+  size_t len = ch->out.len;
+  int cbs = ch->out_cbs;
+  ch->out.data = NULL;
+  ch->out.len = ch->out.cap = 0;
+  ch->out_cbs = LUA_NOREF;
+  int err = submit(ch, data, len, cbs, NULL, LUA_NOREF);
+  if (err) run_write_cbs(ch->h.L, cbs, err);
+}
+
+static cl_channel *check_channel(lua_State *L, int idx) {
+  return (cl_channel *)cl_handle_check(L, idx, TNAME);
+}
+
+static void put_le32(char *p, uint32_t v) {
+  p[0] = (char)(v & 0xff); p[1] = (char)((v >> 8) & 0xff);
+  p[2] = (char)((v >> 16) & 0xff); p[3] = (char)((v >> 24) & 0xff);
+}
+
+static uint32_t get_le32(const char *p) {
+  const unsigned char *u = (const unsigned char *)p;
+  return (uint32_t)u[0] | ((uint32_t)u[1] << 8) | ((uint32_t)u[2] << 16) | ((uint32_t)u[3] << 24);
+}
+
+/* Encodes value at idx as a frame appended to b; raises on a value that can't be sent. */
+static void encode_frame(lua_State *L, cl_buf *b, int idx, int flags, const char *fname) {
+  size_t start = b->len;
+  if (cl_buf_reserve(b, CL_FRAME_HEADER) != 0) luaL_error(L, "%s: out of memory", fname);
+  b->len += CL_FRAME_HEADER;
+  if (cl_codec_encode(L, idx, b, "message") != 0) {
+    b->len = start;
+    luaL_error(L, "%s: %s", fname, lua_tostring(L, -1));
+  }
+  size_t payload = b->len - start - CL_FRAME_HEADER;
+  if (payload > CL_MAX_MESSAGE) {
+    b->len = start;
+    luaL_error(L, "%s: message is %d bytes encoded, over the limit of %d bytes", fname,
+               (int)payload, (int)CL_MAX_MESSAGE);
+  }
+  put_le32(b->data + start, (uint32_t)payload);
+  b->data[start + 4] = (char)flags;
+}
+
+static void add_cb(lua_State *L, int *slot, int idx) {
+  if (*slot == LUA_NOREF) {
+    lua_newtable(L);
+    *slot = luaL_ref(L, LUA_REGISTRYINDEX);
+  }
+  lua_rawgeti(L, LUA_REGISTRYINDEX, *slot);
+  lua_pushvalue(L, idx);
+  lua_rawseti(L, -2, luaL_len(L, -2) + 1);
+  lua_pop(L, 1);
+}
+
+/* ch:send(internal, value[, handle][, callback]) -> true
+ * Raises when the value can't be encoded or is over the size limit. */
+static int ch_send(lua_State *L) {
+  cl_channel *ch = check_channel(L, 1);
+  int flags = lua_toboolean(L, 2) ? CL_FRAME_INTERNAL : 0;
+  luaL_checkany(L, 3);
+  cl_handle *send = NULL;
+  if (!lua_isnoneornil(L, 4)) {
+    send = cl_handle_test(L, 4);
+    luaL_argcheck(L, send != NULL && !cl_handle_is_closing(send), 4, "expected an open net server, socket or dgram socket");
+    uv_handle_type t = send->u.handle.type;
+    luaL_argcheck(L, t == UV_TCP || t == UV_NAMED_PIPE || t == UV_UDP, 4, "this kind of handle cannot be sent");
+  }
+  if (!lua_isnoneornil(L, 5)) luaL_checktype(L, 5, LUA_TFUNCTION);
+  if (send == NULL) {
+    encode_frame(L, &ch->out, 3, flags, "worker:send");
+    if (!lua_isnoneornil(L, 5)) add_cb(L, &ch->out_cbs, 5);
+    schedule_flush(ch);
+    lua_pushboolean(L, 1);
+    return 1;
+  }
+  cl_buf frame = {0};
+  encode_frame(L, &frame, 3, flags | CL_FRAME_HANDLE, "worker:send");
+  flush(ch);
+  int cbs = LUA_NOREF;
+  if (!lua_isnoneornil(L, 5)) { lua_pushvalue(L, 5); cbs = luaL_ref(L, LUA_REGISTRYINDEX); }
+  lua_pushvalue(L, 4);
+  int href = luaL_ref(L, LUA_REGISTRYINDEX);
+  int err = submit(ch, frame.data, frame.len, cbs, &send->u.stream, href);
+  if (err) {
+    luaL_unref(L, LUA_REGISTRYINDEX, cbs);
+    return cl_push_fail(L, err, "send");
+  }
+  lua_pushboolean(L, 1);
+  return 1;
+}
+
+/* ch:flush_sync([timeout_ms]): writes what is pending now, blocking up to the timeout.
+ * For exit paths only; gives up when libuv already holds queued writes. */
+static int ch_flush_sync(lua_State *L) {
+  cl_channel *ch = check_channel(L, 1);
+  int timeout = (int)luaL_optinteger(L, 2, 1000);
+  if (uv_stream_get_write_queue_size(&ch->h.u.stream) != 0) { flush(ch); lua_pushboolean(L, 0); return 1; }
+  uv_os_fd_t fd;
+  uv_fileno(&ch->h.u.handle, &fd);
+  size_t off = 0;
+  while (off < ch->out.len) {
+    uv_buf_t buf = uv_buf_init(ch->out.data + off, (unsigned)(ch->out.len - off));
+    int n = uv_try_write(&ch->h.u.stream, &buf, 1);
+    if (n > 0) { off += (size_t)n; continue; }
+    if (n != UV_EAGAIN) break;
+    struct pollfd pfd = { .fd = fd, .events = POLLOUT };
+    if (poll(&pfd, 1, timeout) <= 0) break;
+  }
+  int done = off == ch->out.len;
+  if (off > 0) memmove(ch->out.data, ch->out.data + off, ch->out.len - off);
+  ch->out.len -= off;
+  if (done) {
+    int cbs = ch->out_cbs;
+    ch->out_cbs = LUA_NOREF;
+    unlink_flush(ch);
+    run_write_cbs(L, cbs, 0);
+  }
+  lua_pushboolean(L, done);
+  return 1;
+}
+
+/* ---- receiving ---- */
+
+static void report_close(cl_channel *ch, const char *why) {
+  if (ch->closed_reported) return;
+  ch->closed_reported = 1;
+  lua_State *L = ch->h.L;
+  if (cl_push_cb(&ch->h, CB_CLOSE)) {
+    if (why) lua_pushstring(L, why); else lua_pushnil(L);
+    cl_call(L, 1);
+  }
+}
+
+static void fail_channel(cl_channel *ch, const char *why) {
+  report_close(ch, why);
+  if (!cl_handle_is_closing(&ch->h)) {
+    uv_read_stop(&ch->h.u.stream);
+    cl_handle_close(&ch->h);
+  }
+}
+
+static void queue_pending_handles(cl_channel *ch) {
+  lua_State *L = ch->h.L;
+  uv_pipe_t *pipe = &ch->h.u.pipe;
+  while (uv_pipe_pending_count(pipe) > 0) {
+    uv_handle_type type = uv_pipe_pending_type(pipe);
+    uv_handle_t *client = cl_stream_new(L, type);
+    if (client == NULL) { lua_pop(L, 1); fail_channel(ch, "received a descriptor of an unsupported kind"); return; }
+    int err = uv_accept((uv_stream_t *)pipe, (uv_stream_t *)client);
+    if (err) {
+      cl_handle_close(client->data);
+      lua_pop(L, 1);
+      continue;
+    }
+    lua_rawgeti(L, LUA_REGISTRYINDEX, ch->handles_ref);
+    lua_insert(L, -2);
+    lua_rawseti(L, -2, ++ch->handles_tail);
+    lua_pop(L, 1);
+  }
+}
+
+/* Pushes the oldest received handle (or nil). */
+static int pop_handle(cl_channel *ch) {
+  lua_State *L = ch->h.L;
+  if (ch->handles_head >= ch->handles_tail) return 0;
+  lua_rawgeti(L, LUA_REGISTRYINDEX, ch->handles_ref);
+  int i = ++ch->handles_head;
+  lua_rawgeti(L, -1, i);
+  lua_pushnil(L);
+  lua_rawseti(L, -3, i);
+  lua_remove(L, -2);
+  return 1;
+}
+
+static void parse_frames(cl_channel *ch) {
+  lua_State *L = ch->h.L;
+  while (!cl_handle_is_closing(&ch->h)) {
+    size_t avail = ch->in.len - ch->in_pos;
+    if (avail < CL_FRAME_HEADER) break;
+    const char *p = ch->in.data + ch->in_pos;
+    uint32_t len = get_le32(p);
+    int flags = (unsigned char)p[4];
+    if (len > CL_MAX_MESSAGE || (flags & ~(CL_FRAME_INTERNAL | CL_FRAME_HANDLE))) {
+      fail_channel(ch, len > CL_MAX_MESSAGE ? "received a message over the size limit" : "received a malformed frame header");
+      return;
+    }
+    if (avail < CL_FRAME_HEADER + (size_t)len) {
+      if (cl_buf_reserve(&ch->in, CL_FRAME_HEADER + (size_t)len - avail) != 0)
+        fail_channel(ch, "out of memory for an incoming message");
+      break;
+    }
+    ch->in_pos += CL_FRAME_HEADER + len;
+    if (!cl_push_cb(&ch->h, CB_MESSAGE)) continue;
+    lua_pushboolean(L, flags & CL_FRAME_INTERNAL);
+    if (cl_codec_decode(L, p + CL_FRAME_HEADER, len) != 0) {
+      char msg[256];
+      snprintf(msg, sizeof msg, "received a malformed message: %s", lua_tostring(L, -1));
+      lua_pop(L, 3);
+      fail_channel(ch, msg);
+      return;
+    }
+    if (flags & CL_FRAME_HANDLE) {
+      if (!pop_handle(ch)) {
+        lua_pop(L, 3);
+        fail_channel(ch, "a message announced a descriptor that did not arrive");
+        return;
+      }
+    } else {
+      lua_pushnil(L);
+    }
+    cl_call(L, 3);
+    /* `in` may have been reallocated by a nested read; p is not used after this. */
+  }
+  if (cl_handle_is_closing(&ch->h)) return;
+  /* compact */
+  if (ch->in_pos == ch->in.len) {
+    ch->in.len = ch->in_pos = 0;
+  } else if (ch->in_pos > 0 && ch->in_pos > ch->in.cap / 2) {
+    memmove(ch->in.data, ch->in.data + ch->in_pos, ch->in.len - ch->in_pos);
+    ch->in.len -= ch->in_pos;
+    ch->in_pos = 0;
+  }
+}
+
+static void on_alloc(uv_handle_t *handle, size_t suggested, uv_buf_t *buf) {
+  cl_channel *ch = handle->data;
+  (void)suggested;
+  if (cl_buf_reserve(&ch->in, READ_CHUNK) != 0) { *buf = uv_buf_init(NULL, 0); return; }
+  *buf = uv_buf_init(ch->in.data + ch->in.len, (unsigned)(ch->in.cap - ch->in.len));
+}
+
+static void on_read(uv_stream_t *stream, ssize_t nread, const uv_buf_t *buf) {
+  cl_channel *ch = stream->data;
+  (void)buf;
+  if (nread > 0) {
+    ch->in.len += (size_t)nread;
+    queue_pending_handles(ch);
+    parse_frames(ch);
+    return;
+  }
+  if (nread == 0) return;
+  if (nread == UV_EOF) {
+    fail_channel(ch, NULL);
+  } else if (nread == UV_ENOBUFS) {
+    fail_channel(ch, "out of memory reading the channel");
+  } else {
+    fail_channel(ch, uv_strerror((int)nread));
+  }
+}
+
+/* ch:start(on_message(internal, value, handle), on_close(reason|nil)) */
+static int ch_start(lua_State *L) {
+  cl_channel *ch = check_channel(L, 1);
+  luaL_checktype(L, 2, LUA_TFUNCTION);
+  luaL_checktype(L, 3, LUA_TFUNCTION);
+  cl_set_cb(L, &ch->h, CB_MESSAGE, 2);
+  cl_set_cb(L, &ch->h, CB_CLOSE, 3);
+  if (!ch->reading) {
+    int err = uv_read_start(&ch->h.u.stream, on_alloc, on_read);
+    if (err) return cl_push_fail(L, err, "read");
+    ch->reading = 1;
+  }
+  lua_pushboolean(L, 1);
+  return 1;
+}
+
+/* ch:close(): closes now; pending frames not yet written are flushed first. */
+static int ch_close(lua_State *L) {
+  cl_handle **box = luaL_checkudata(L, 1, TNAME);
+  cl_channel *ch = (cl_channel *)*box;
+  if (ch == NULL || cl_handle_is_closing(&ch->h)) return 0;
+  flush(ch);
+  unlink_flush(ch);
+  ch->closed_reported = 1; /* a close we asked for is not reported back */
+  return cl_handle_close_method(L);
+}
+
+static int ch_pending(lua_State *L) {
+  cl_channel *ch = check_channel(L, 1);
+  lua_pushinteger(L, (lua_Integer)(ch->out.len + uv_stream_get_write_queue_size(&ch->h.u.stream)));
+  return 1;
+}
+
+static void channel_free(cl_handle *h) {
+  cl_channel *ch = (cl_channel *)h;
+  lua_State *L = h->L;
+  unlink_flush(ch);
+  cl_buf_free(&ch->in);
+  cl_buf_free(&ch->out);
+  luaL_unref(L, LUA_REGISTRYINDEX, ch->out_cbs);
+  /* received handles nobody took are closed */
+  while (pop_handle(ch)) {
+    cl_handle *rh = cl_handle_test(L, -1);
+    if (rh && !cl_handle_is_closing(rh)) cl_handle_close(rh);
+    lua_pop(L, 1);
+  }
+  luaL_unref(L, LUA_REGISTRYINDEX, ch->handles_ref);
+}
+
+cl_channel *cl_channel_push_new(lua_State *L) {
+  cl_channel *ch = (cl_channel *)cl_handle_new(L, sizeof(cl_channel), TNAME);
+  uv_pipe_init(cl_loop(), &ch->h.u.pipe, 1);
+  ch->h.on_free = channel_free;
+  ch->out_cbs = LUA_NOREF;
+  lua_newtable(L);
+  ch->handles_ref = luaL_ref(L, LUA_REGISTRYINDEX);
+  return ch;
+}
+
+uv_pipe_t *cl_channel_pipe(cl_channel *ch) { return &ch->h.u.pipe; }
+
+/* core.channel_open(fd) -> channel: the worker's end, inherited from the master. */
+static int l_channel_open(lua_State *L) {
+  int fd = (int)luaL_checkinteger(L, 1);
+  cl_channel *ch = cl_channel_push_new(L);
+  int err = uv_pipe_open(&ch->h.u.pipe, fd);
+  if (err) {
+    cl_handle_close(&ch->h);
+    return cl_push_fail(L, err, "channel_open");
+  }
+  return 1;
+}
+
+void cl_open_channel(lua_State *L) {
+  static const luaL_Reg methods[] = {
+    {"start", ch_start}, {"send", ch_send}, {"flush_sync", ch_flush_sync},
+    {"close", ch_close}, {"pending", ch_pending},
+    {"ref", cl_handle_ref_method}, {"unref", cl_handle_unref_method},
+    {"fileno", cl_handle_fileno_method}, {NULL, NULL}};
+  cl_handle_register(L, TNAME, methods);
+  lua_pushcfunction(L, l_channel_open);
+  lua_setfield(L, -2, "channel_open");
+}

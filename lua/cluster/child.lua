@@ -1,0 +1,152 @@
+--- The worker role: the channel to the master, cluster.worker, and the worker's
+-- side of disconnect and kill.
+-- @module cluster.child
+local core = require "cluster.core"
+local loop = require "cluster.loop"
+local Worker = require "cluster.worker"
+local errors = require "cluster.errors"
+
+local M = {}
+
+-- Flushes what the worker queued for the master when the Lua state closes (the script
+-- ended without running the loop): a sentinel whose __gc runs at lua_close.
+local function flush_at_exit(channel)
+  local sentinel = setmetatable({}, { __gc = function()
+    if channel then pcall(channel.flush_sync, channel, 1000) end
+  end })
+  return sentinel
+end
+
+function M.install(cluster, id)
+  cluster.isMaster, cluster.isPrimary, cluster.isWorker = false, false, true
+  local master_pid = core.getppid()
+  -- a worker's own children are masters again
+  core.setenv(require("cluster.master").WORKER_ENV, nil)
+
+  local channel = assert(core.channel_open(core.CHANNEL_FD))
+  core.watch_parent(master_pid, 500)
+
+  local connected = true
+  local impl = {}
+  local worker = Worker.new(id, { pid = core.getpid() }, impl)
+  worker.state = "online"
+  cluster.worker = worker
+  cluster._channel = channel
+  cluster._exitSentinel = flush_at_exit(channel)
+
+  local function send_internal(msg, handle, callback)
+    if not connected then return false end
+    return channel:send(true, msg, handle, callback)
+  end
+  cluster._sendInternal = function(_, msg, handle, callback) return send_internal(msg, handle, callback) end
+
+  local function on_disconnect(reason)
+    if not connected then return end
+    connected = false
+    cluster._channel = nil
+    if reason and worker:listenerCount("error") > 0 then
+      worker:emit("error", errors.new("EPROTO", "channel", reason))
+    end
+    if rawget(worker, "exitedAfterDisconnect") == nil then worker.exitedAfterDisconnect = false end
+    worker.state = "disconnected"
+    worker:emit("disconnect")
+    if worker.exitedAfterDisconnect ~= true then
+      -- the master went away without asking: end quietly, as Node's workers do
+      os.exit(0)
+    end
+    if worker._exitOnDisconnect then os.exit(0) end
+  end
+
+  local internal = {}
+  cluster._internal = internal
+
+  -- disconnect: stop accepting, close servers, wait for them, then close the channel
+  local function graceful_disconnect(master_initiated)
+    if worker._disconnecting or not connected then return end
+    worker._disconnecting = true
+    worker.exitedAfterDisconnect = true
+    local function close_channel()
+      if not connected then return end
+      if master_initiated then
+        channel:close()
+        on_disconnect(nil)
+      else
+        send_internal({ act = "exitedAfterDisconnect" }, nil, function()
+          channel:close()
+          on_disconnect(nil)
+        end)
+      end
+    end
+    if cluster._closeSharedServers then
+      cluster._closeSharedServers(close_channel)
+    else
+      close_channel()
+    end
+  end
+
+  function internal.disconnect() graceful_disconnect(true) end
+
+  channel:start(function(is_internal, msg, handle)
+    if is_internal then
+      local fn = type(msg) == "table" and internal[msg.act]
+      if fn then fn(msg, handle) end
+      return
+    end
+    worker:emit("message", msg, handle)
+  end, on_disconnect)
+
+  -- The channel keeps the worker alive only while someone listens for messages.
+  channel:unref()
+  local refs = 0
+  worker._onNewListener = function(_, name)
+    if name == "message" and refs == 0 and connected then channel:ref() end
+    if name == "message" then refs = refs + 1 end
+  end
+  worker._onRemoveListener = function(self, name)
+    if name ~= "message" then return end
+    refs = self:listenerCount("message")
+    if refs == 0 and connected then channel:unref() end
+  end
+
+  function impl.send(_, message, handle, callback)
+    if not connected then
+      local err = errors.new("ERR_IPC_CHANNEL_CLOSED", "send", "channel closed")
+      if callback then loop.defer(callback, err) end
+      return false
+    end
+    local ok, res = pcall(channel.send, channel, false, message, handle, callback)
+    if not ok then error(res, 3) end
+    return res
+  end
+
+  function impl.kill()
+    worker.exitedAfterDisconnect = true
+    if not connected then os.exit(0) end
+    worker._exitOnDisconnect = true
+    send_internal({ act = "exitedAfterDisconnect" }, nil, function()
+      channel:close()
+      on_disconnect(nil)
+    end)
+  end
+
+  function impl.disconnect() graceful_disconnect(false) end
+  function impl.isDead() return false end
+  function impl.isConnected() return connected end
+
+  function cluster.fork()
+    error("fork: cannot fork from a worker (cluster.isWorker is true); only the master forks", 2)
+  end
+  function cluster.setupMaster()
+    error("setupMaster: cannot be called from a worker; only the master forks", 2)
+  end
+  cluster.setupPrimary = cluster.setupMaster
+  function cluster.disconnect()
+    error("disconnect: cluster.disconnect() is a master function; in a worker use cluster.worker:disconnect()", 2)
+  end
+  cluster.autoFork = cluster.fork
+
+  send_internal({ act = "online" })
+  channel:flush_sync(1000)
+end
+
+return M

@@ -1,0 +1,102 @@
+--- The event loop and timers, shared by both roles.
+-- @module cluster.loop
+local core = require "cluster.core"
+
+local M = {}
+local type, select, error, unpack = type, select, error, table.unpack
+
+local function check_fn(fname, fn)
+  if type(fn) ~= "function" then
+    error(fname .. ": bad argument #1 (callback): expected a function, got " .. type(fn), 3)
+  end
+end
+
+local function check_ms(fname, ms)
+  if ms == nil then return 0 end
+  if type(ms) ~= "number" or ms ~= ms or ms < 0 then
+    error(fname .. ": bad argument #2 (delay): expected a number of milliseconds >= 0, got " .. tostring(ms), 3)
+  end
+  return math.floor(ms)
+end
+
+local Timer = {}
+Timer.__index = Timer
+
+--- Keeps the loop from waiting for this timer. @treturn self
+function Timer:unref() if self.handle then self.handle:unref() end return self end
+--- Undoes unref. @treturn self
+function Timer:ref() if self.handle then self.handle:ref() end return self end
+
+local function new_timer(fname, fn, ms, repeat_ms, ...)
+  local t = setmetatable({}, Timer)
+  local n, args = select("#", ...), { ... }
+  local handle = core.timer()
+  t.handle = handle
+  handle:start(ms, repeat_ms, function()
+    if repeat_ms == 0 then
+      t.handle = nil
+      handle:close()
+    end
+    fn(unpack(args, 1, n))
+  end)
+  return t
+end
+
+--- Runs fn(...) once after ms milliseconds. @treturn table a timer for clearTimeout
+function M.setTimeout(fn, ms, ...)
+  check_fn("setTimeout", fn)
+  return new_timer("setTimeout", fn, check_ms("setTimeout", ms), 0, ...)
+end
+
+--- Runs fn(...) every ms milliseconds. @treturn table a timer for clearInterval
+function M.setInterval(fn, ms, ...)
+  check_fn("setInterval", fn)
+  ms = check_ms("setInterval", ms)
+  if ms == 0 then ms = 1 end
+  return new_timer("setInterval", fn, ms, ms, ...)
+end
+
+--- Cancels a timer from setTimeout or setInterval (nil and fired timers are ignored).
+function M.clearTimeout(t)
+  if t == nil then return end
+  if getmetatable(t) ~= Timer then
+    error("clearTimeout: bad argument #1 (timer): expected a timer from setTimeout/setInterval, got " .. type(t), 2)
+  end
+  local handle = t.handle
+  if handle then
+    t.handle = nil
+    handle:close()
+  end
+end
+M.clearInterval = M.clearTimeout
+
+-- Deferred calls: run on the next loop turn, in order, never inside the caller.
+local queue, queued_timer = {}, nil
+
+local function run_deferred()
+  local q = queue
+  queue = {}
+  queued_timer = nil
+  for i = 1, #q do
+    local item = q[i]
+    item[1](unpack(item, 2, item.n))
+  end
+end
+
+--- Calls fn(...) on the next turn of the loop (Node's process.nextTick / setImmediate).
+function M.defer(fn, ...)
+  queue[#queue + 1] = { fn, n = select("#", ...) + 1, ... }
+  if not queued_timer then
+    queued_timer = M.setTimeout(run_deferred, 0)
+  end
+end
+
+--- Runs the loop until nothing is left to do or stop() is called.
+-- An error raised in a callback stops the loop and is re-raised here with its traceback.
+function M.run() return core.run() end
+--- Runs what is ready without blocking. @treturn boolean whether work remains
+function M.poll() return core.poll() end
+--- Makes run() return.
+function M.stop() return core.stop() end
+
+return M

@@ -1,0 +1,374 @@
+--- The master role: forking workers, settings, the workers table and cluster events.
+-- @module cluster.master
+local core = require "cluster.core"
+local loop = require "cluster.loop"
+local Worker = require "cluster.worker"
+local errors = require "cluster.errors"
+
+local M = {}
+
+local type, pairs, ipairs, tostring, error = type, pairs, ipairs, tostring, error
+
+--- The environment variable that marks a worker and carries its id.
+M.WORKER_ENV = "LUACLUSTER_WORKER_ID"
+
+local SETTING_TYPES = {
+  exec = "string", args = "table", execArgv = "table", execPath = "string",
+  silent = "boolean", cwd = "string", uid = "integer", gid = "integer",
+}
+
+local function copy_array(t)
+  local r = {}
+  for i = 1, #t do r[i] = t[i] end
+  return r
+end
+
+local function copy_settings(s)
+  local r = {}
+  for k, v in pairs(s) do r[k] = type(v) == "table" and copy_array(v) or v end
+  return r
+end
+
+local function absolute(path, base)
+  if path:sub(1, 1) == "/" then return path end
+  return base .. "/" .. path
+end
+
+-- Interpreter options the master itself was started with (lua5.4 -W -l x script.lua):
+-- the negative indices of `arg` between the interpreter name and the script.
+local function default_exec_argv()
+  local argv, lowest = {}, 0
+  if type(arg) ~= "table" then return argv end
+  while arg[lowest - 1] ~= nil do lowest = lowest - 1 end
+  for i = lowest + 1, -1 do
+    if arg[i] ~= "-i" and arg[i] ~= "-" then argv[#argv + 1] = arg[i] end
+  end
+  return argv
+end
+
+local function default_settings()
+  local s = { args = {}, execArgv = default_exec_argv(), silent = false }
+  s.execPath = core.exepath() or "lua5.4"
+  if type(arg) == "table" then
+    if type(arg[0]) == "string" and arg[0] ~= "-" then s.exec = absolute(arg[0], core.cwd()) end
+    for i = 1, #arg do s.args[i] = arg[i] end
+  end
+  return s
+end
+
+local function check_settings(fname, s)
+  if s == nil then return {} end
+  if type(s) ~= "table" then
+    error(fname .. ": bad argument #1 (settings): expected a table, got " .. type(s), 3)
+  end
+  for k, v in pairs(s) do
+    local want = SETTING_TYPES[k]
+    if want then
+      local got = want == "integer" and math.type(v) or type(v)
+      if got ~= want then
+        error(string.format("%s: bad field '%s' in settings: expected %s, got %s", fname, k, want,
+          want == "integer" and (math.type(v) or type(v)) or type(v)), 3)
+      end
+      if want == "table" then
+        for i, a in ipairs(v) do
+          if type(a) ~= "string" and type(a) ~= "number" then
+            error(string.format("%s: bad field '%s' in settings: item %d is a %s, expected a string", fname, k, i, type(a)), 3)
+          end
+        end
+      end
+    end
+  end
+  return s
+end
+
+local function check_env(env)
+  if env == nil then return {} end
+  if type(env) ~= "table" then
+    error("fork: bad argument #1 (env): expected a table, got " .. type(env), 3)
+  end
+  local r = {}
+  for k, v in pairs(env) do
+    if type(k) ~= "string" then
+      error("fork: bad argument #1 (env): keys must be strings, got a " .. type(k), 3)
+    end
+    local tv = type(v)
+    if tv ~= "string" and tv ~= "number" and tv ~= "boolean" then
+      error("fork: bad argument #1 (env): env." .. k .. " is a " .. tv .. ", expected a string", 3)
+    end
+    r[k] = tostring(v)
+  end
+  return r
+end
+
+--- Installs the master role into the cluster table.
+function M.install(cluster)
+  cluster.isMaster, cluster.isPrimary, cluster.isWorker = true, true, false
+  cluster.workers = {}
+  cluster.settings = {}
+
+  local settings = nil      -- the cumulative settings, nil before the first setupMaster
+  local next_id = 1
+  local policy = nil        -- frozen at the first fork/setupMaster
+  local disconnect_waiters = {}
+
+  local function freeze_policy()
+    if policy then return end
+    policy = cluster.schedulingPolicy
+    if policy ~= cluster.SCHED_RR and policy ~= cluster.SCHED_NONE then
+      error("setupMaster: cluster.schedulingPolicy must be cluster.SCHED_RR or cluster.SCHED_NONE", 3)
+    end
+  end
+  cluster._policy = function() freeze_policy() return policy end
+
+  --- Changes the settings used by later forks; 'setup' fires on every call.
+  function cluster.setupMaster(s)
+    s = check_settings("setupMaster", s)
+    freeze_policy()
+    settings = settings or default_settings()
+    for k, v in pairs(s) do
+      settings[k] = type(v) == "table" and copy_array(v) or v
+    end
+    if type(settings.exec) == "string" then settings.exec = absolute(settings.exec, core.cwd()) end
+    cluster.settings = copy_settings(settings)
+    loop.defer(cluster.emit, cluster, "setup", copy_settings(settings))
+  end
+  cluster.setupPrimary = cluster.setupMaster
+
+  local function remove_worker(worker)
+    if cluster.workers[worker.id] == worker then
+      cluster.workers[worker.id] = nil
+      if cluster._onWorkerRemoved then cluster._onWorkerRemoved(worker) end
+    end
+  end
+
+  local function check_all_disconnected()
+    if #disconnect_waiters == 0 then return end
+    for _, w in pairs(cluster._all) do
+      if w._connected and w._disconnecting then return end
+    end
+    if cluster._sharedHandleCount and cluster._sharedHandleCount() > 0 then return end
+    local waiters = disconnect_waiters
+    disconnect_waiters = {}
+    for _, cb in ipairs(waiters) do loop.defer(cb) end
+  end
+  cluster._checkAllDisconnected = check_all_disconnected
+
+  -- every worker not yet both dead and disconnected, including those already out of
+  -- cluster.workers (a master-initiated disconnect removes them at once)
+  cluster._all = {}
+
+  local function report_error(worker, err)
+    if worker:listenerCount("error") > 0 then
+      worker:emit("error", err)
+    else
+      io.stderr:write(string.format("cluster: worker %d: %s\n", worker.id, tostring(err)))
+    end
+  end
+
+  local function on_exit(worker, code, signal)
+    worker._dead = true
+    if not worker._connected then
+      remove_worker(worker)
+      cluster._all[worker.id] = nil
+    end
+    worker.exitedAfterDisconnect = worker.exitedAfterDisconnect == true
+    worker.state = "dead"
+    worker:emit("exit", code, signal)
+    worker:emit("death", worker)
+    cluster:emit("exit", worker, code, signal)
+    cluster:emit("death", worker)
+  end
+
+  local function on_disconnect(worker, reason)
+    if not worker._connected then return end
+    worker._connected = false
+    if reason then
+      report_error(worker, errors.new("EPROTO", "channel", reason))
+    end
+    if cluster._onWorkerDisconnected then cluster._onWorkerDisconnected(worker) end
+    if worker._dead then
+      remove_worker(worker)
+      cluster._all[worker.id] = nil
+    end
+    worker.exitedAfterDisconnect = worker.exitedAfterDisconnect == true
+    worker.state = "disconnected"
+    worker:emit("disconnect")
+    cluster:emit("disconnect", worker)
+    check_all_disconnected()
+  end
+
+  local internal = {}
+  cluster._internal = internal
+
+  function internal.online(worker)
+    worker.state = "online"
+    worker:emit("online")
+    cluster:emit("online", worker)
+  end
+
+  function internal.listening(worker, msg)
+    worker.state = "listening"
+    local address = { address = msg.address, port = msg.port, addressType = msg.addressType }
+    worker:emit("listening", address)
+    cluster:emit("listening", worker, address)
+  end
+
+  function internal.exitedAfterDisconnect(worker)
+    worker.exitedAfterDisconnect = true
+  end
+
+  local function on_message(worker, is_internal, msg, handle)
+    if is_internal then
+      local fn = type(msg) == "table" and internal[msg.act]
+      if fn then fn(worker, msg, handle) end
+      return
+    end
+    worker:emit("message", msg, handle)
+    cluster:emit("message", worker, msg, handle)
+  end
+
+  local impl = {}
+
+  function impl.send(worker, message, handle, callback)
+    if not worker._connected then
+      local err = errors.new("ERR_IPC_CHANNEL_CLOSED", "send", "channel closed")
+      if callback then loop.defer(callback, err) else loop.defer(report_error, worker, err) end
+      return false
+    end
+    local ok, res = pcall(worker._channel.send, worker._channel, false, message, handle, callback)
+    if not ok then error(res, 3) end
+    return res
+  end
+
+  function impl.sendInternal(worker, message, handle, callback)
+    if not worker._connected then return false end
+    return worker._channel:send(true, message, handle, callback)
+  end
+  cluster._sendInternal = impl.sendInternal
+
+  function impl.kill(worker, signal)
+    if worker._dead then return end
+    local ok, err = worker._proc:kill(signal or "SIGTERM")
+    if not ok and worker._dead == nil then report_error(worker, err) end
+  end
+
+  function impl.disconnect(worker)
+    if not worker._connected or worker._disconnecting then return end
+    worker._disconnecting = true
+    worker.exitedAfterDisconnect = true
+    impl.sendInternal(worker, { act = "disconnect" })
+    if cluster._onWorkerDisconnecting then cluster._onWorkerDisconnecting(worker) end
+    remove_worker(worker)
+  end
+
+  function impl.isDead(worker) return worker._dead == true end
+  function impl.isConnected(worker) return worker._connected == true end
+
+  local function build_env(user_env, id)
+    local env, seen = {}, {}
+    for _, kv in ipairs(core.environ()) do
+      local k = kv:match("^([^=]*)=")
+      if k and user_env[k] == nil and k ~= M.WORKER_ENV then
+        env[#env + 1] = kv
+        seen[k] = true
+      end
+    end
+    for k, v in pairs(user_env) do
+      env[#env + 1] = k .. "=" .. v
+      seen[k] = true
+    end
+    -- the master's module paths reach the worker unless the user set their own
+    local user_path = user_env.LUA_PATH or user_env.LUA_PATH_5_4
+    local user_cpath = user_env.LUA_CPATH or user_env.LUA_CPATH_5_4
+    if not user_path then env[#env + 1] = "LUA_PATH_5_4=" .. package.path end
+    if not user_cpath then env[#env + 1] = "LUA_CPATH_5_4=" .. package.cpath end
+    env[#env + 1] = M.WORKER_ENV .. "=" .. id
+    return env
+  end
+
+  local function spawn_args(s)
+    local args = {}
+    for _, a in ipairs(s.execArgv) do args[#args + 1] = tostring(a) end
+    -- load the cluster module first, so every worker reports 'online' and guards
+    -- against outliving its master even if its script never requires it
+    args[#args + 1] = "-e"
+    args[#args + 1] = "require('cluster')"
+    args[#args + 1] = s.exec
+    for _, a in ipairs(s.args) do args[#args + 1] = tostring(a) end
+    return args
+  end
+
+  --- Spawns a worker. @tparam[opt] table env extra environment variables
+  -- @treturn Worker already in cluster.workers; 'fork' fires later
+  function cluster.fork(env)
+    env = check_env(env)
+    cluster.setupMaster()
+    local s = settings
+    if type(s.exec) ~= "string" then
+      error("fork: no worker script: call cluster.setupMaster{exec = 'worker.lua'} first", 2)
+    end
+    local id = next_id
+    next_id = next_id + 1
+    local process = { pid = nil }
+    local worker = Worker.new(id, process, impl)
+    worker.env = env
+    cluster.workers[id] = worker
+    cluster._all[id] = worker
+
+    local proc, channel_or_err, code = core.spawn {
+      file = s.execPath,
+      args = spawn_args(s),
+      env = build_env(env, id),
+      cwd = s.cwd,
+      uid = s.uid,
+      gid = s.gid,
+      on_exit = function(c, sig) on_exit(worker, c, sig) end,
+      on_output = s.silent and function(name, chunk)
+        if cluster._onWorkerOutput then return cluster._onWorkerOutput(worker, name, chunk) end
+        -- silent: the output is the master's to handle; by default it is not shown
+      end or nil,
+    }
+    loop.defer(cluster.emit, cluster, "fork", worker)
+    if not proc then
+      worker._connected = false
+      local err = errors.new(code, "spawn", string.format("spawn %s %s (execPath %s)", code, channel_or_err, s.execPath))
+      loop.defer(function()
+        report_error(worker, err)
+        on_exit(worker, -2, nil)
+      end)
+      return worker
+    end
+    worker._proc = proc
+    worker._channel = channel_or_err
+    worker._connected = true
+    process.pid = proc:pid()
+    process.kill = function(_, sig) return proc:kill(sig or "SIGTERM") end
+    channel_or_err:start(function(is_internal, msg, handle)
+      on_message(worker, is_internal, msg, handle)
+    end, function(reason)
+      on_disconnect(worker, reason)
+    end)
+    return worker
+  end
+
+  --- Disconnects every worker; callback runs once all have disconnected.
+  function cluster.disconnect(callback)
+    if callback ~= nil and type(callback) ~= "function" then
+      error("disconnect: bad argument #1 (callback): expected a function, got " .. type(callback), 2)
+    end
+    if callback then disconnect_waiters[#disconnect_waiters + 1] = callback end
+    for _, w in pairs(cluster.workers) do
+      if w._connected then w:disconnect() end
+    end
+    loop.defer(check_all_disconnected)
+  end
+
+  --- Forks one worker per processor (the v0.6 API). @treturn table the workers forked
+  function cluster.autoFork()
+    local forked = {}
+    for _ = 1, core.cpus() do forked[#forked + 1] = cluster.fork() end
+    return forked
+  end
+end
+
+return M

@@ -1,0 +1,58 @@
+--- The Worker object: the same class in both roles; each role supplies the methods
+-- that act (send, kill, disconnect) through an implementation table.
+-- @module cluster.worker
+local Emitter = require "cluster.emitter"
+
+local Worker = Emitter.mixin({})
+
+local ALIASES = { suicide = "exitedAfterDisconnect", uniqueID = "id" }
+
+Worker.__index = function(self, k)
+  local alias = ALIASES[k]
+  if alias then return rawget(self, alias) end
+  return Worker[k]
+end
+
+function Worker.__tostring(self)
+  return string.format("Worker(id=%s, pid=%s, state=%s)", tostring(rawget(self, "id")),
+    tostring(self.process and self.process.pid), tostring(rawget(self, "state")))
+end
+
+--- Creates a worker object. `impl` provides send, kill, disconnect, isConnected, isDead.
+function Worker.new(id, process, impl)
+  return setmetatable({ id = id, process = process, state = "none", _impl = impl }, Worker)
+end
+
+--- Sends a message (and optionally a net/dgram handle) to the other side.
+-- @param message any Lua value made of nil, booleans, numbers, strings and tables
+-- @param[opt] handle a cluster.net server or socket, or a cluster.dgram socket
+-- @tparam[opt] function callback called with nil or an error once written
+function Worker:send(message, handle, callback)
+  if callback == nil and type(handle) == "function" then handle, callback = nil, handle end
+  if callback ~= nil and type(callback) ~= "function" then
+    error("worker:send: bad argument #3 (callback): expected a function, got " .. type(callback), 2)
+  end
+  return self._impl.send(self, message, handle, callback)
+end
+
+--- In the master, signals the process (default "SIGTERM"); in a worker, disconnects and exits 0.
+function Worker:kill(signal)
+  if signal ~= nil and type(signal) ~= "string" and math.type(signal) ~= "integer" then
+    error("worker:kill: bad argument #1 (signal): expected a signal name or number, got " .. type(signal), 2)
+  end
+  return self._impl.kill(self, signal)
+end
+Worker.destroy = Worker.kill
+
+--- Graceful: stop accepting, close servers, let connections finish, then disconnect.
+function Worker:disconnect()
+  self._impl.disconnect(self)
+  return self
+end
+
+--- True once the worker's process has ended.
+function Worker:isDead() return self._impl.isDead(self) end
+--- True while the channel between master and worker is open.
+function Worker:isConnected() return self._impl.isConnected(self) end
+
+return Worker
