@@ -1,3 +1,175 @@
-/* placeholder: being written */
+/* Line input for the REPL, served by the loop: GNU readline's callback interface over a
+ * uv_poll when stdin is a terminal and libreadline can be loaded (dlopen, so the build
+ * does not need it), otherwise plain reads of fd 0 on libuv's thread pool, which work
+ * the same for terminals, pipes and files. */
 #include "util.h"
-void cl_open_tty(lua_State *L) { (void)L; }
+
+#include <dlfcn.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <unistd.h>
+
+typedef void (*rl_vcpfunc_t)(char *);
+static struct {
+  void *lib;
+  void (*install)(const char *, rl_vcpfunc_t);
+  void (*read_char)(void);
+  void (*remove)(void);
+  void (*add_history)(const char *);
+  int (*set_prompt)(const char *);
+  void (*redisplay)(void);
+} rl;
+
+static lua_State *reader_L;
+static int line_cb = LUA_NOREF;
+static int active = 0;
+static uv_poll_t poll_handle;
+static int poll_open = 0;
+static uv_fs_t read_req;
+static char read_buf[4096];
+static cl_buf pending_line;
+static char *plain_prompt = NULL;
+
+static int load_readline(void) {
+  if (rl.lib) return 1;
+  const char *names[] = {"libreadline.so.8", "libreadline.so", NULL};
+  for (int i = 0; names[i] && !rl.lib; i++) rl.lib = dlopen(names[i], RTLD_NOW | RTLD_LOCAL);
+  if (!rl.lib) return 0;
+  rl.install = (void (*)(const char *, rl_vcpfunc_t))dlsym(rl.lib, "rl_callback_handler_install");
+  rl.read_char = (void (*)(void))dlsym(rl.lib, "rl_callback_read_char");
+  rl.remove = (void (*)(void))dlsym(rl.lib, "rl_callback_handler_remove");
+  rl.add_history = (void (*)(const char *))dlsym(rl.lib, "add_history");
+  rl.set_prompt = (int (*)(const char *))dlsym(rl.lib, "rl_set_prompt");
+  rl.redisplay = (void (*)(void))dlsym(rl.lib, "rl_redisplay");
+  if (!rl.install || !rl.read_char || !rl.remove) {
+    dlclose(rl.lib);
+    memset(&rl, 0, sizeof rl);
+    return 0;
+  }
+  return 1;
+}
+
+/* Gives one line (or nil at end of input) to Lua. */
+static void deliver(const char *line, size_t len) {
+  lua_State *L = reader_L;
+  if (line_cb == LUA_NOREF) return;
+  lua_rawgeti(L, LUA_REGISTRYINDEX, line_cb);
+  if (line) lua_pushlstring(L, line, len); else lua_pushnil(L);
+  cl_call(L, 1);
+}
+
+static void stop_reading(void);
+
+static void on_rl_line(char *line) {
+  if (line == NULL) {
+    stop_reading();
+    deliver(NULL, 0);
+    return;
+  }
+  if (*line && rl.add_history) rl.add_history(line);
+  deliver(line, strlen(line));
+  free(line);
+}
+
+static void on_poll(uv_poll_t *p, int status, int events) {
+  (void)p; (void)events;
+  if (status < 0) { stop_reading(); deliver(NULL, 0); return; }
+  rl.read_char();
+}
+
+static void start_plain_read(void);
+
+static void on_plain_read(uv_fs_t *req) {
+  ssize_t n = req->result;
+  uv_fs_req_cleanup(req);
+  if (!active) return;
+  if (n <= 0) {
+    if (pending_line.len > 0) deliver(pending_line.data, pending_line.len);
+    pending_line.len = 0;
+    stop_reading();
+    deliver(NULL, 0);
+    return;
+  }
+  for (ssize_t i = 0; i < n; i++) {
+    if (read_buf[i] == '\n') {
+      size_t len = pending_line.len;
+      if (len > 0 && pending_line.data[len - 1] == '\r') len--;
+      pending_line.len = 0;
+      deliver(pending_line.data ? pending_line.data : "", len);
+      if (!active) return;
+    } else {
+      cl_buf_append(&pending_line, &read_buf[i], 1);
+    }
+  }
+  start_plain_read();
+}
+
+static void start_plain_read(void) {
+  if (plain_prompt && pending_line.len == 0) { fputs(plain_prompt, stdout); fflush(stdout); }
+  uv_buf_t b = uv_buf_init(read_buf, sizeof read_buf);
+  uv_fs_read(cl_loop(), &read_req, 0, &b, 1, -1, on_plain_read);
+}
+
+static void stop_reading(void) {
+  if (!active) return;
+  active = 0;
+  if (poll_open) {
+    rl.remove();
+    uv_poll_stop(&poll_handle);
+    uv_close((uv_handle_t *)&poll_handle, NULL);
+    poll_open = 0;
+  }
+}
+
+/* core.readline_start(prompt, on_line(line|nil)) -> "readline" | "plain" */
+static int l_readline_start(lua_State *L) {
+  const char *prompt = luaL_checkstring(L, 1);
+  luaL_checktype(L, 2, LUA_TFUNCTION);
+  if (active) return luaL_error(L, "repl: already reading input");
+  reader_L = L;
+  luaL_unref(L, LUA_REGISTRYINDEX, line_cb);
+  lua_pushvalue(L, 2);
+  line_cb = luaL_ref(L, LUA_REGISTRYINDEX);
+  active = 1;
+  if (isatty(0) && load_readline() && getenv("LUACLUSTER_NO_READLINE") == NULL) {
+    uv_poll_init(cl_loop(), &poll_handle, 0);
+    poll_open = 1;
+    rl.install(prompt, on_rl_line);
+    uv_poll_start(&poll_handle, UV_READABLE, on_poll);
+    lua_pushliteral(L, "readline");
+    return 1;
+  }
+  free(plain_prompt);
+  plain_prompt = strdup(prompt);
+  start_plain_read();
+  lua_pushliteral(L, "plain");
+  return 1;
+}
+
+/* core.readline_prompt(prompt): the prompt for the next line. */
+static int l_readline_prompt(lua_State *L) {
+  const char *prompt = luaL_checkstring(L, 1);
+  if (poll_open) {
+    if (rl.set_prompt) rl.set_prompt(prompt);
+    rl.remove();
+    rl.install(prompt, on_rl_line);
+  } else {
+    free(plain_prompt);
+    plain_prompt = strdup(prompt);
+  }
+  return 0;
+}
+
+static int l_readline_stop(lua_State *L) {
+  (void)L;
+  stop_reading();
+  return 0;
+}
+
+void cl_open_tty(lua_State *L) {
+  static const luaL_Reg fns[] = {
+    {"readline_start", l_readline_start}, {"readline_prompt", l_readline_prompt},
+    {"readline_stop", l_readline_stop}, {NULL, NULL}};
+  luaL_setfuncs(L, fns, 0);
+}

@@ -1,0 +1,88 @@
+--- cluster.repl(): an interactive Lua prompt served by the loop. Workers, sockets,
+-- timers and events keep running while the user types. Statements and expressions are
+-- evaluated as lua5.4 -i does; errors are reported and the prompt goes on; end of input
+-- (Ctrl-D) returns from repl().
+-- @module cluster.repl
+local core = require "cluster.core"
+
+local M = {}
+
+local function print_results(n, ...)
+  if n == 0 then return end
+  local parts = {}
+  for i = 1, n do parts[i] = tostring((select(i, ...))) end
+  io.stdout:write(table.concat(parts, "\t"), "\n")
+  io.stdout:flush()
+end
+
+local function report(msg)
+  -- drop the frames of the REPL itself from tracebacks
+  msg = tostring(msg):gsub("\n\t%[C%]: in function 'xpcall'.*$", "")
+  io.stderr:write(msg, "\n")
+  io.stderr:flush()
+end
+
+-- Compiles a chunk the way lua.c does: first as an expression, then as a statement.
+-- Returns fn, or nil and "incomplete", or nil and an error message.
+local function compile(source, env)
+  local fn = load("return " .. source, "=stdin", "t", env)
+  if fn then return fn end
+  local err
+  fn, err = load(source, "=stdin", "t", env)
+  if fn then return fn end
+  if err:sub(-5) == "<eof>" then return nil, "incomplete" end
+  return nil, err
+end
+
+--- Starts the prompt and runs the loop until end of input.
+-- @tparam table cluster the cluster module
+-- @tparam[opt] table options {prompt=, prompt2=, env=}
+function M.start(cluster, options)
+  options = options or {}
+  if type(options) ~= "table" then
+    error("repl: bad argument #1 (options): expected a table, got " .. type(options), 3)
+  end
+  local prompt, prompt2 = options.prompt or "> ", options.prompt2 or ">> "
+  local env = options.env or setmetatable({ cluster = cluster }, { __index = _G, __newindex = _G })
+  local buffer = nil
+  local done = false
+
+  local function on_line(line)
+    if line == nil then
+      done = true
+      io.stdout:write("\n")
+      io.stdout:flush()
+      core.stop()
+      return
+    end
+    local source = buffer and (buffer .. "\n" .. line) or line
+    local fn, err = compile(source, env)
+    if not fn and err == "incomplete" then
+      buffer = source
+      core.readline_prompt(prompt2)
+      return
+    end
+    buffer = nil
+    core.readline_prompt(prompt)
+    if not fn then report(err) return end
+    local results = table.pack(xpcall(fn, debug.traceback))
+    if results[1] then
+      print_results(results.n - 1, table.unpack(results, 2, results.n))
+    else
+      report(results[2])
+    end
+  end
+
+  core.readline_start(prompt, on_line)
+  while not done do
+    local ok, err = pcall(core.run)
+    if not ok then
+      report(err) -- an error in a callback: show it and keep the prompt
+    elseif not done and not core.alive() then
+      break
+    end
+  end
+  core.readline_stop()
+end
+
+return M
