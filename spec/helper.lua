@@ -1,0 +1,229 @@
+--- Shared helpers for the cluster specs: run the loop until a condition holds, count
+-- callbacks (luv's expect(fn, count)), and leave no process behind.
+--
+--   local H = require "spec.helper"   -- or require "helper" (spec/ is on LUA_PATH)
+--   before_each(H.setup)              -- snapshot the cluster listeners
+--   after_each(H.teardown)            -- SIGKILL leftovers, restore listeners
+--   ...
+--   local on_exit = H.expect(function(w, code) ... end, 1)
+--   cluster.on("exit", on_exit)
+--   assert.is_true(H.wait_until(function() return done end, 5000))
+--   H.finish()                        -- checks every expect() count, no live workers
+local core = require "cluster.core"
+local cluster = require "cluster"
+
+local H = {}
+
+H.ROOT = core.cwd()
+H.FIXTURES = H.ROOT .. "/spec/fixtures/"
+
+--- Absolute path of a fixture script.
+function H.fixture(name) return H.FIXTURES .. name end
+
+local tracked_pids = {}   -- pids started outside cluster.fork (subprocess masters, their workers)
+local expectations = {}
+local listener_snapshot = nil
+
+--- Runs the loop until cond() is true or timeout_ms pass. Returns whether cond held.
+-- A short ticking timer keeps run_once from sleeping past a condition that does not
+-- depend on the loop (a file appearing, a pid going away).
+function H.wait_until(cond, timeout_ms, tick_ms)
+  if cond() then return true end
+  local expired = false
+  local guard = core.timer()
+  guard:start(timeout_ms or 5000, 0, function() expired = true end)
+  local tick = core.timer()
+  tick:start(tick_ms or 10, tick_ms or 10, function() end)
+  local ok, err = pcall(function()
+    while not expired and not cond() do core.run_once() end
+  end)
+  guard:close()
+  tick:close()
+  if not ok then error(err, 0) end
+  return cond() and true or false
+end
+
+--- Runs the loop for ms milliseconds (to show that something does NOT happen).
+function H.run_for(ms)
+  H.wait_until(function() return false end, ms)
+end
+
+--- Wraps fn so that H.finish() fails unless it ran exactly `count` times (default 1).
+-- count may be {min = n} for "at least n".
+function H.expect(fn, count, name)
+  local e = { calls = 0, count = count or 1, name = name or debug.traceback("expect()", 2) }
+  expectations[#expectations + 1] = e
+  return function(...)
+    e.calls = e.calls + 1
+    if fn then return fn(...) end
+  end, e
+end
+
+local function check_expectations()
+  local list = expectations
+  expectations = {}
+  for _, e in ipairs(list) do
+    if type(e.count) == "table" then
+      assert(e.calls >= e.count.min, string.format("callback ran %d times, expected at least %d\n%s",
+        e.calls, e.count.min, e.name))
+    else
+      assert(e.calls == e.count, string.format("callback ran %d times, expected %d\n%s",
+        e.calls, e.count, e.name))
+    end
+  end
+end
+
+--- Is the process with this pid still running? A zombie counts as gone: nobody here
+-- reaps orphans reparented to pid 1.
+function H.alive(pid)
+  local f = io.open("/proc/" .. tostring(pid) .. "/stat", "r")
+  if not f then return false end
+  local s = f:read("a") or ""
+  f:close()
+  local state = s:match("%) (%a)")
+  return state ~= nil and state ~= "Z" and state ~= "X"
+end
+
+--- Remembers a pid that kill_all must SIGKILL (a process not forked by this master).
+function H.track(pid)
+  pid = math.tointeger(tonumber(pid))
+  if pid then tracked_pids[#tracked_pids + 1] = pid end
+  return pid
+end
+
+local function all_workers()
+  local seen, list = {}, {}
+  for _, t in ipairs { cluster._all or {}, cluster.workers or {} } do
+    for _, w in pairs(t) do
+      if not seen[w] then seen[w] = true; list[#list + 1] = w end
+    end
+  end
+  return list
+end
+
+--- SIGKILLs every worker and every tracked pid, then waits for their exit events.
+-- Returns true when everything is gone.
+function H.kill_all(timeout_ms)
+  for _, w in ipairs(all_workers()) do
+    local pid = w.process and w.process.pid
+    if pid and not w:isDead() then core.kill(pid, "SIGKILL") end
+  end
+  for _, pid in ipairs(tracked_pids) do
+    if H.alive(pid) then core.kill(pid, "SIGKILL") end
+  end
+  local ok = H.wait_until(function()
+    if next(cluster._all or {}) ~= nil or next(cluster.workers) ~= nil then return false end
+    for _, pid in ipairs(tracked_pids) do if H.alive(pid) then return false end end
+    return true
+  end, timeout_ms or 5000)
+  if ok then tracked_pids = {} end
+  return ok
+end
+
+--- Asserts no worker is left: cluster.workers empty and every pid gone.
+function H.assert_no_workers()
+  assert(next(cluster.workers) == nil, "cluster.workers is not empty")
+  for _, w in ipairs(all_workers()) do
+    assert(not (w.process.pid and H.alive(w.process.pid)), "worker pid " .. tostring(w.process.pid) .. " is alive")
+  end
+end
+
+--- before_each: remember which cluster listeners exist before the spec.
+function H.setup()
+  expectations = {}
+  local snap = {}
+  for name, list in pairs(rawget(cluster, "_listeners") or {}) do
+    local copy = {}
+    for i = 1, #list do copy[i] = list[i] end
+    snap[name] = copy
+  end
+  listener_snapshot = snap
+end
+
+--- At the end of an `it`: checks expect() counts, then that no worker is left.
+-- Every worker must already be gone or go within the timeout on its own.
+function H.finish(timeout_ms)
+  check_expectations()
+  local gone = H.wait_until(function()
+    return next(cluster.workers) == nil and next(cluster._all or {}) == nil
+  end, timeout_ms or 5000)
+  assert(gone, "workers still alive at the end of the spec")
+  H.assert_no_workers()
+end
+
+--- after_each: restore the cluster listeners, SIGKILL whatever is left. Errors raised
+-- by leftover callbacks while cleaning up are ignored: the spec has already failed.
+function H.teardown()
+  expectations = {}
+  if listener_snapshot then
+    rawset(cluster, "_listeners", listener_snapshot)
+    listener_snapshot = nil
+  end
+  for _, w in ipairs(all_workers()) do w:removeAllListeners() end
+  local ok
+  for _ = 1, 10 do
+    local fine, res = pcall(H.kill_all)
+    if fine then ok = res break end
+  end
+  assert(ok, "kill_all: processes still alive after SIGKILL")
+end
+
+--- Reads a whole file, or nil.
+function H.read_file(path)
+  local f = io.open(path, "rb")
+  if not f then return nil end
+  local s = f:read("a")
+  f:close()
+  return s
+end
+
+local tmp_counter = 0
+--- A fresh temporary file name (removed by the caller or left in /tmp).
+function H.tmpname(tag)
+  tmp_counter = tmp_counter + 1
+  return string.format("/tmp/luacluster-spec-%d-%d-%s", core.getpid(), tmp_counter, tag or "tmp")
+end
+
+--- Quotes a string for sh.
+function H.shell_quote(s)
+  return "'" .. tostring(s):gsub("'", "'\\''") .. "'"
+end
+
+--- Starts `lua5.4 script args...` in the background with stdout and stderr in files.
+-- Returns {pid=, out=path, err=path, status=path}; status receives the exit code.
+function H.spawn_master(script, args, env)
+  local out, err, status, pidfile = H.tmpname("out"), H.tmpname("err"), H.tmpname("status"), H.tmpname("pid")
+  local envs, cmdline = {}, { "lua5.4", H.shell_quote(script) }
+  for k, v in pairs(env or {}) do envs[#envs + 1] = k .. "=" .. H.shell_quote(v) end
+  for _, a in ipairs(args or {}) do cmdline[#cmdline + 1] = H.shell_quote(a) end
+  -- a subshell runs the master and then records its exit status; the inner sh writes
+  -- its pid and execs the master, so that pid is the master's own
+  os.execute(string.format(
+    "( %s sh -c 'echo $$ > %s; exec \"$0\" \"$@\"' %s > %s 2> %s; echo $? > %s ) < /dev/null > /dev/null 2>&1 &",
+    table.concat(envs, " "), pidfile, table.concat(cmdline, " "), out, err, status))
+  local m = { out = out, err = err, status = status }
+  H.wait_until(function()
+    local s = H.read_file(pidfile)
+    m.pid = s and math.tointeger(tonumber(s:match("%d+")))
+    return m.pid ~= nil
+  end, 5000)
+  os.remove(pidfile)
+  assert(m.pid, "spawn_master: the master did not start")
+  H.track(m.pid)
+  return m
+end
+
+--- The exit status of a spawned master once it ended, or nil.
+function H.master_status(m)
+  local s = H.read_file(m.status)
+  return s and math.tointeger(tonumber(s:match("%-?%d+")))
+end
+
+--- Removes a spawned master's files.
+function H.cleanup_master(m)
+  os.remove(m.out)
+  os.remove(m.err)
+  os.remove(m.status)
+end
+
+return H
