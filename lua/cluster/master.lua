@@ -265,23 +265,26 @@ function M.install(cluster)
   function impl.isConnected(worker) return worker._connected == true end
 
   local function build_env(user_env, id)
-    local env, seen = {}, {}
-    for _, kv in ipairs(core.environ()) do
-      local k = kv:match("^([^=]*)=")
-      if k and user_env[k] == nil and k ~= M.WORKER_ENV then
-        env[#env + 1] = kv
-        seen[k] = true
+    -- The master's module paths reach the worker unless the user set their own. Lua 5.4
+    -- reads LUA_PATH_5_4 before LUA_PATH, so an inherited LUA_PATH_5_4 is always dropped:
+    -- it would hide both the master's package.path and a LUA_PATH given in fork(env).
+    local extra, drop = {}, { [M.WORKER_ENV] = true }
+    for _, var in ipairs { "PATH", "CPATH" } do
+      local versioned, plain = "LUA_" .. var .. "_5_4", "LUA_" .. var
+      drop[versioned] = true
+      if user_env[versioned] == nil and user_env[plain] == nil then
+        extra[#extra + 1] = versioned .. "=" .. (var == "PATH" and package.path or package.cpath)
       end
     end
-    for k, v in pairs(user_env) do
-      env[#env + 1] = k .. "=" .. v
-      seen[k] = true
+    local env = {}
+    for _, kv in ipairs(core.environ()) do
+      local k = kv:match("^([^=]*)=")
+      if k and user_env[k] == nil and not drop[k] then env[#env + 1] = kv end
     end
-    -- the master's module paths reach the worker unless the user set their own
-    local user_path = user_env.LUA_PATH or user_env.LUA_PATH_5_4
-    local user_cpath = user_env.LUA_CPATH or user_env.LUA_CPATH_5_4
-    if not user_path then env[#env + 1] = "LUA_PATH_5_4=" .. package.path end
-    if not user_cpath then env[#env + 1] = "LUA_CPATH_5_4=" .. package.cpath end
+    for k, v in pairs(user_env) do
+      if k ~= M.WORKER_ENV then env[#env + 1] = k .. "=" .. v end
+    end
+    for _, kv in ipairs(extra) do env[#env + 1] = kv end
     env[#env + 1] = M.WORKER_ENV .. "=" .. id
     return env
   end
