@@ -21,7 +21,7 @@ build = {
       sources = {
         "csrc/channel.c", "csrc/codec.c", "csrc/core.c", "csrc/loop.c", "csrc/process.c",
         "csrc/signal.c", "csrc/stream.c", "csrc/sys.c", "csrc/timer.c", "csrc/tty.c",
-        "csrc/udp.c", "csrc/util.c",
+        "csrc/udp.c", "csrc/util.c", "csrc/rr.c",
       },
       libraries = { "uv", "pthread", "dl" },
       incdirs = { "$(LIBUV_INCDIR)" },
@@ -37,5 +37,6 @@ build = {
     ["cluster.repl"] = "lua/cluster/repl.lua",
     ["cluster.net"] = "lua/cluster/net.lua",
     ["cluster.dgram"] = "lua/cluster/dgram.lua",
+    ["cluster.sharing"] = "lua/cluster/sharing.lua",
   },
 }

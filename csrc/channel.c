@@ -23,6 +23,7 @@
 #define TNAME "cluster.channel"
 #define CB_MESSAGE 0
 #define CB_CLOSE 1
+#define CB_CONN 2
 #define READ_CHUNK (64 * 1024)
 
 struct cl_channel {
@@ -46,7 +47,13 @@ typedef struct write_req {
   char *data;
   int cbs;               /* registry ref: table of callbacks, or a single function, or LUA_NOREF */
   int send_handle_ref;   /* keeps the sent handle's userdata alive until written */
+  void (*done)(void *arg, int status); /* C completion (connection hand-off) */
+  void *done_arg;
+  char small[16];        /* a whole hand-off frame, kept here to avoid a malloc */
 } write_req;
+
+static cl_conn_answer_fn conn_answer_fn = NULL;
+void cl_channel_on_conn_answer(cl_conn_answer_fn fn) { conn_answer_fn = fn; }
 
 static cl_channel *flush_list = NULL;
 static uv_prepare_t flusher;
@@ -107,6 +114,13 @@ static void run_write_cbs(lua_State *L, int cbs, int status) {
 static void on_written(uv_write_t *req, int status) {
   write_req *wr = (write_req *)req;
   lua_State *L = wr->L;
+  if (wr->done) {
+    void (*done)(void *, int) = wr->done;
+    void *arg = wr->done_arg;
+    free(wr);
+    done(arg, status);
+    return;
+  }
   free(wr->data);
   luaL_unref(L, LUA_REGISTRYINDEX, wr->send_handle_ref);
   int cbs = wr->cbs;
@@ -122,6 +136,7 @@ static int submit(cl_channel *ch, char *data, size_t len, int cbs, uv_stream_t *
   wr->data = data;
   wr->cbs = cbs;
   wr->send_handle_ref = send_handle_ref;
+  wr->done = NULL;
   uv_buf_t buf = uv_buf_init(data, (unsigned)len);
   int err = send_handle
     ? uv_write2(&wr->req, &ch->h.u.stream, &buf, 1, send_handle, on_written)
@@ -228,6 +243,47 @@ static int ch_send(lua_State *L) {
   return 1;
 }
 
+int cl_channel_send_conn(cl_channel *ch, uint32_t rr_id, uint32_t seq, uv_stream_t *conn,
+                         void (*done)(void *arg, int status), void *arg) {
+  if (cl_handle_is_closing(&ch->h)) return UV_EPIPE;
+  flush(ch); /* keep order with messages queued before this connection */
+  write_req *wr = malloc(sizeof *wr);
+  if (wr == NULL) return UV_ENOMEM;
+  wr->ch = ch;
+  wr->L = ch->h.L;
+  wr->data = NULL;
+  wr->cbs = LUA_NOREF;
+  wr->send_handle_ref = LUA_NOREF;
+  wr->done = done;
+  wr->done_arg = arg;
+  put_le32(wr->small, 8);
+  wr->small[4] = (char)(CL_FRAME_CONN | CL_FRAME_HANDLE);
+  put_le32(wr->small + 5, rr_id);
+  put_le32(wr->small + 9, seq);
+  uv_buf_t buf = uv_buf_init(wr->small, CL_FRAME_HEADER + 8);
+  int err = uv_write2(&wr->req, &ch->h.u.stream, &buf, 1, conn, on_written);
+  if (err) free(wr);
+  return err;
+}
+
+/* ch:answer(rr_id, seq, accepted): the worker's reply to a handed connection. */
+static int ch_answer(lua_State *L) {
+  cl_channel *ch = check_channel(L, 1);
+  uint32_t rr_id = (uint32_t)luaL_checkinteger(L, 2);
+  uint32_t seq = (uint32_t)luaL_checkinteger(L, 3);
+  int accepted = lua_toboolean(L, 4);
+  if (cl_buf_reserve(&ch->out, CL_FRAME_HEADER + 9) != 0) return luaL_error(L, "answer: out of memory");
+  char *p = ch->out.data + ch->out.len;
+  put_le32(p, 9);
+  p[4] = (char)CL_FRAME_CONN;
+  put_le32(p + 5, rr_id);
+  put_le32(p + 9, seq);
+  p[13] = (char)(accepted ? 1 : 0);
+  ch->out.len += CL_FRAME_HEADER + 9;
+  schedule_flush(ch);
+  return 0;
+}
+
 /* ch:flush_sync([timeout_ms]): writes what is pending now, blocking up to the timeout.
  * For exit paths only; gives up when libuv already holds queued writes. */
 static int ch_flush_sync(lua_State *L) {
@@ -311,6 +367,32 @@ static int pop_handle(cl_channel *ch) {
   return 1;
 }
 
+/* A hand-off frame. Returns 0 when the channel failed. */
+static int handle_conn_frame(cl_channel *ch, int flags, const char *p, uint32_t len) {
+  lua_State *L = ch->h.L;
+  if (!(flags & CL_FRAME_HANDLE)) {
+    /* an answer, read by the master's round-robin distributor */
+    if (len != 9) { fail_channel(ch, "received a malformed connection answer"); return 0; }
+    if (conn_answer_fn) conn_answer_fn(ch, get_le32(p), get_le32(p + 4), p[8] != 0);
+    return 1;
+  }
+  if (len != 8) { fail_channel(ch, "received a malformed connection frame"); return 0; }
+  if (!pop_handle(ch)) { fail_channel(ch, "a connection frame arrived without its descriptor"); return 0; }
+  if (!cl_push_cb(&ch->h, CB_CONN)) {
+    /* nobody takes connections here: refuse, so the master hands it to another worker */
+    cl_handle *rh = cl_handle_test(L, -1);
+    if (rh && !cl_handle_is_closing(rh)) cl_handle_close(rh);
+    lua_pop(L, 1);
+    return 1;
+  }
+  lua_insert(L, -2);
+  lua_pushinteger(L, get_le32(p));
+  lua_pushinteger(L, get_le32(p + 4));
+  lua_rotate(L, -3, -1); /* fn, rr_id, seq, handle */
+  cl_call(L, 3);
+  return 1;
+}
+
 static void parse_frames(cl_channel *ch) {
   lua_State *L = ch->h.L;
   while (!cl_handle_is_closing(&ch->h)) {
@@ -319,7 +401,7 @@ static void parse_frames(cl_channel *ch) {
     const char *p = ch->in.data + ch->in_pos;
     uint32_t len = get_le32(p);
     int flags = (unsigned char)p[4];
-    if (len > CL_MAX_MESSAGE || (flags & ~(CL_FRAME_INTERNAL | CL_FRAME_HANDLE))) {
+    if (len > CL_MAX_MESSAGE || (flags & ~(CL_FRAME_INTERNAL | CL_FRAME_HANDLE | CL_FRAME_CONN))) {
       fail_channel(ch, len > CL_MAX_MESSAGE ? "received a message over the size limit" : "received a malformed frame header");
       return;
     }
@@ -329,6 +411,10 @@ static void parse_frames(cl_channel *ch) {
       break;
     }
     ch->in_pos += CL_FRAME_HEADER + len;
+    if (flags & CL_FRAME_CONN) {
+      if (!handle_conn_frame(ch, flags, p + CL_FRAME_HEADER, len)) return;
+      continue;
+    }
     if (!cl_push_cb(&ch->h, CB_MESSAGE)) continue;
     lua_pushboolean(L, flags & CL_FRAME_INTERNAL);
     if (cl_codec_decode(L, p + CL_FRAME_HEADER, len) != 0) {
@@ -378,7 +464,8 @@ static void on_read(uv_stream_t *stream, ssize_t nread, const uv_buf_t *buf) {
     return;
   }
   if (nread == 0) return;
-  if (nread == UV_EOF) {
+  if (nread == UV_EOF || nread == UV_ECONNRESET || nread == UV_EPIPE) {
+    /* the other side closed; a reset only means it left with bytes unread */
     fail_channel(ch, NULL);
   } else if (nread == UV_ENOBUFS) {
     fail_channel(ch, "out of memory reading the channel");
@@ -401,6 +488,13 @@ static int ch_start(lua_State *L) {
   }
   lua_pushboolean(L, 1);
   return 1;
+}
+
+/* ch:on_connection(fn(rr_id, seq, handle)): the worker's receiver of handed connections. */
+static int ch_on_connection(lua_State *L) {
+  cl_channel *ch = check_channel(L, 1);
+  cl_set_cb(L, &ch->h, CB_CONN, 2);
+  return 0;
 }
 
 /* ch:close(): closes now; pending frames not yet written are flushed first. */
@@ -448,6 +542,14 @@ cl_channel *cl_channel_push_new(lua_State *L) {
 
 uv_pipe_t *cl_channel_pipe(cl_channel *ch) { return &ch->h.u.pipe; }
 
+cl_channel *cl_channel_test(lua_State *L, int idx) {
+  cl_handle **box = luaL_testudata(L, idx, TNAME);
+  if (box == NULL || *box == NULL || cl_handle_is_closing(*box)) return NULL;
+  return (cl_channel *)*box;
+}
+
+int cl_channel_is_open(cl_channel *ch) { return !cl_handle_is_closing(&ch->h); }
+
 /* core.channel_open(fd) -> channel: the worker's end, inherited from the master. */
 static int l_channel_open(lua_State *L) {
   int fd = (int)luaL_checkinteger(L, 1);
@@ -463,7 +565,8 @@ static int l_channel_open(lua_State *L) {
 void cl_open_channel(lua_State *L) {
   static const luaL_Reg methods[] = {
     {"start", ch_start}, {"send", ch_send}, {"flush_sync", ch_flush_sync},
-    {"close", ch_close}, {"pending", ch_pending},
+    {"close", ch_close}, {"pending", ch_pending}, {"answer", ch_answer},
+    {"on_connection", ch_on_connection},
     {"ref", cl_handle_ref_method}, {"unref", cl_handle_unref_method},
     {"fileno", cl_handle_fileno_method}, {NULL, NULL}};
   cl_handle_register(L, TNAME, methods);

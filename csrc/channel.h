@@ -7,6 +7,10 @@
 #define CL_FRAME_HEADER 5
 #define CL_FRAME_INTERNAL 0x01 /* cluster's own message, never shown to user listeners */
 #define CL_FRAME_HANDLE 0x02   /* a file descriptor travels with this frame */
+/* Round-robin hand-off, handled in C on the master's side: master -> worker carries a
+ * connection (payload: u32 rr id, u32 seq); worker -> master answers it (payload:
+ * u32 rr id, u32 seq, u8 accepted). No Lua runs for these frames in the master. */
+#define CL_FRAME_CONN 0x04
 
 typedef struct cl_channel cl_channel;
 
@@ -14,4 +18,17 @@ typedef struct cl_channel cl_channel;
  * the caller connects it (uv_spawn's stdio, or uv_pipe_open). */
 cl_channel *cl_channel_push_new(lua_State *L);
 uv_pipe_t *cl_channel_pipe(cl_channel *ch);
+
+/* The channel in the userdata at idx, or NULL if it is not an open channel. */
+cl_channel *cl_channel_test(lua_State *L, int idx);
+int cl_channel_is_open(cl_channel *ch);
+
+/* Sends a connection to a worker (master side); done(arg, status) runs once written.
+ * Returns 0 or a libuv error (then done is not called). */
+int cl_channel_send_conn(cl_channel *ch, uint32_t rr_id, uint32_t seq, uv_stream_t *conn,
+                         void (*done)(void *arg, int status), void *arg);
+
+/* Called (master side) for every answer to a connection hand-off. */
+typedef void (*cl_conn_answer_fn)(cl_channel *ch, uint32_t rr_id, uint32_t seq, int accepted);
+void cl_channel_on_conn_answer(cl_conn_answer_fn fn);
 #endif

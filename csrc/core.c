@@ -14,6 +14,7 @@ int luaopen_cluster_core(lua_State *L) {
   cl_open_udp(L);
   cl_open_tty(L);
   cl_open_sys(L);
+  cl_open_rr(L);
   lua_pushinteger(L, CL_MAX_MESSAGE);
   lua_setfield(L, -2, "MAX_MESSAGE");
   return 1;

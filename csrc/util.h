@@ -108,5 +108,6 @@ void cl_open_stream(lua_State *L);
 void cl_open_udp(lua_State *L);
 void cl_open_tty(lua_State *L);
 void cl_open_sys(lua_State *L);
+void cl_open_rr(lua_State *L);
 
 #endif

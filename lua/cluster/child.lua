@@ -95,18 +95,23 @@ function M.install(cluster, id)
     worker:emit("message", msg, handle)
   end, on_disconnect)
 
-  -- The channel keeps the worker alive only while someone listens for messages.
+  -- The channel keeps the worker alive only while someone listens for messages, or
+  -- while the cluster layer waits for the master (a listen in progress, a server fed
+  -- by round-robin): cluster._hold() / cluster._release().
   channel:unref()
-  local refs = 0
-  worker._onNewListener = function(_, name)
-    if name == "message" and refs == 0 and connected then channel:ref() end
-    if name == "message" then refs = refs + 1 end
+  local listeners, holds = 0, 0
+  local function update_ref()
+    if not connected then return end
+    if listeners + holds > 0 then channel:ref() else channel:unref() end
+  end
+  worker._onNewListener = function(self, name)
+    if name == "message" then listeners = self:listenerCount("message") update_ref() end
   end
   worker._onRemoveListener = function(self, name)
-    if name ~= "message" then return end
-    refs = self:listenerCount("message")
-    if refs == 0 and connected then channel:unref() end
+    if name == "message" then listeners = self:listenerCount("message") update_ref() end
   end
+  function cluster._hold() holds = holds + 1 update_ref() end
+  function cluster._release() holds = holds - 1 update_ref() end
 
   function impl.send(_, message, handle, callback)
     if not connected then
@@ -114,7 +119,8 @@ function M.install(cluster, id)
       if callback then loop.defer(callback, err) end
       return false
     end
-    local ok, res = pcall(channel.send, channel, false, message, handle, callback)
+    if handle ~= nil then return cluster._sendWithHandle(nil, message, handle, callback) end
+    local ok, res = pcall(channel.send, channel, false, message, nil, callback)
     if not ok then error(res, 3) end
     return res
   end
@@ -144,6 +150,8 @@ function M.install(cluster, id)
     error("disconnect: cluster.disconnect() is a master function; in a worker use cluster.worker:disconnect()", 2)
   end
   cluster.autoFork = cluster.fork
+
+  require("cluster.sharing").installWorker(cluster)
 
   send_internal({ act = "online" })
   channel:flush_sync(1000)

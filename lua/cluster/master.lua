@@ -235,7 +235,8 @@ function M.install(cluster)
       if callback then loop.defer(callback, err) else loop.defer(report_error, worker, err) end
       return false
     end
-    local ok, res = pcall(worker._channel.send, worker._channel, false, message, handle, callback)
+    if handle ~= nil then return cluster._sendWithHandle(worker, message, handle, callback) end
+    local ok, res = pcall(worker._channel.send, worker._channel, false, message, nil, callback)
     if not ok then error(res, 3) end
     return res
   end
@@ -365,6 +366,8 @@ function M.install(cluster)
     end
     loop.defer(check_all_disconnected)
   end
+
+  require("cluster.sharing").installMaster(cluster)
 
   --- Forks one worker per processor (the v0.6 API). @treturn table the workers forked
   function cluster.autoFork()

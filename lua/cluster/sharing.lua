@@ -1,0 +1,390 @@
+--- Port sharing through the master (Node's cluster "queryServer" protocol), and
+-- handles passed with messages.
+--
+-- The key of a shared socket is its address, port, address type and fd, plus the
+-- worker's count of listens on that key, so that the n-th listen(0) in every worker gets
+-- the same port. SCHED_RR: the master listens and a C distributor (csrc/rr.c) hands
+-- each connection to a worker. SCHED_NONE and UDP: the master binds and sends the bound
+-- socket to each worker, which accepts (or receives) itself.
+-- @module cluster.sharing
+local core = require "cluster.core"
+local loop = require "cluster.loop"
+local errors = require "cluster.errors"
+
+local M = {}
+
+local pairs, type, tostring = pairs, type, tostring
+
+local function address_type_of(host, udp_type)
+  if udp_type then return udp_type end
+  if host and host:find(":", 1, true) then return 6 end
+  return 4
+end
+
+-- Node's errors say "bind EADDRINUSE 127.0.0.1:8000"
+local function bind_error(code, msg)
+  local where = msg.path or ((msg.address or "0.0.0.0") .. ":" .. tostring(msg.port))
+  return {
+    code = code, syscall = "bind", message = "bind " .. code .. " " .. where,
+    address = msg.address, port = msg.port, path = msg.path,
+  }
+end
+
+local function as_error(t)
+  return errors.new(t.code, t.syscall, t.message, { address = t.address, port = t.port, path = t.path, errno = t.errno })
+end
+
+-- ---------------------------------------------------------------------------
+-- Handles passed with user messages: the sender says what kind of object it was.
+
+local function raw_handle(obj)
+  if type(obj) ~= "table" then return nil end
+  local net = package.loaded["cluster.net"]
+  local dgram = package.loaded["cluster.dgram"]
+  if net and getmetatable(obj) == net.Server then return obj._handle, "net.Server" end
+  if net and getmetatable(obj) == net.Socket then return obj._handle, "net.Socket" end
+  if dgram and getmetatable(obj) == dgram.Socket then return obj._handle, "dgram.Socket", obj.type end
+  return nil
+end
+
+--- Sends a message with a net/dgram object over a channel (both roles).
+function M.sendWithHandle(channel, message, obj, callback)
+  local raw, kind, udp_type = raw_handle(obj)
+  if not raw then
+    error("worker:send: bad argument #2 (handle): expected a listening net server, a connected net socket or a bound dgram socket", 3)
+  end
+  -- a socket is the receiver's now: the sender's copy closes once every send of it is written
+  local done = callback
+  if kind == "net.Socket" then
+    obj._sendsInFlight = (obj._sendsInFlight or 0) + 1
+    done = function(err)
+      obj._sendsInFlight = obj._sendsInFlight - 1
+      if obj._sendsInFlight == 0 and not obj.destroyed then obj:destroy() end
+      if callback then callback(err) end
+    end
+  end
+  local ok, res = pcall(channel.send, channel, true,
+    { act = "handle", kind = kind, udpType = udp_type, msg = message }, raw, done)
+  if not ok then error(res, 3) end
+  return res
+end
+
+--- Turns a received raw handle into the object the sender had.
+function M.wrapHandle(kind, raw, udp_type)
+  if kind == "net.Server" then
+    local net = require "cluster.net"
+    local server = net.createServer()
+    server:_adoptHandle(raw)
+    return server
+  elseif kind == "net.Socket" then
+    return require("cluster.net")._wrapStream(raw)
+  elseif kind == "dgram.Socket" then
+    return require("cluster.dgram")._wrapUdp(raw, udp_type)
+  end
+  raw:close()
+  return nil
+end
+
+-- ---------------------------------------------------------------------------
+-- Master
+
+function M.installMaster(cluster)
+  local internal = cluster._internal
+  local entries = {}        -- key -> {key=, rr=|handle=, workers={[id]=worker}, path=, unlink=}
+
+  local function count_entries()
+    local n = 0
+    for _ in pairs(entries) do n = n + 1 end
+    return n
+  end
+  cluster._sharedHandleCount = count_entries
+
+  local function close_entry(entry)
+    entries[entry.key] = nil
+    local h = entry.rr or entry.handle
+    h:close(function()
+      if entry.unlink then os.remove(entry.unlink) end
+      cluster._checkAllDisconnected()
+    end)
+  end
+
+  -- The worker leaves the key. gone: its channel closed, so unanswered connections
+  -- go to other workers at once.
+  local function leave(entry, worker, gone)
+    if not entry.workers[worker.id] then return end
+    entry.workers[worker.id] = nil
+    if entry.rr and worker._channel then
+      entry.handed = (entry.handed or 0) + entry.rr:handed(worker._channel)
+      worker._handedBefore = (worker._handedBefore or 0) + entry.rr:handed(worker._channel)
+      entry.rr:remove(worker._channel, gone)
+    end
+    if next(entry.workers) == nil then close_entry(entry) end
+  end
+
+  local function leave_all(worker, gone)
+    for _, entry in pairs(entries) do leave(entry, worker, gone) end
+  end
+  cluster._onWorkerDisconnecting = function(worker) leave_all(worker, false) end
+  cluster._onWorkerDisconnected = function(worker) leave_all(worker, true) end
+
+  --- Connections handed to this worker through round-robin so far.
+  function cluster._handedTo(worker)
+    local n = worker._handedBefore or 0
+    if worker._channel and worker._connected then
+      for _, entry in pairs(entries) do
+        if entry.rr and entry.workers[worker.id] then n = n + entry.rr:handed(worker._channel) end
+      end
+    end
+    return n
+  end
+
+  local function with_cwd(cwd, fn)
+    if not cwd then return fn() end
+    local here = core.cwd()
+    core.chdir(cwd)
+    local a, b, c = fn()
+    core.chdir(here)
+    return a, b, c
+  end
+
+  local function create(msg)
+    local policy = cluster._policy()
+    local udp = msg.addressType == "udp4" or msg.addressType == "udp6"
+    local entry = { key = msg.key, workers = {} }
+    local hosts = msg.address and { msg.address } or { "::", "0.0.0.0" }
+    if msg.path and msg.path:sub(1, 1) ~= "/" then
+      entry.unlink = (msg.cwd or core.cwd()) .. "/" .. msg.path
+    elseif msg.path then
+      entry.unlink = msg.path
+    end
+    local last_code
+    for _, host in ipairs(hosts) do
+      local ok, _, code
+      if udp then
+        local h
+        h, _, code = core.udp_new(msg.addressType)
+        if h then
+          ok, _, code = h:bind(host, msg.port, { reuseAddr = msg.reuseAddr, ipv6Only = msg.ipv6Only })
+          if ok then entry.handle = h else h:close() end
+        end
+      elseif policy == cluster.SCHED_RR then
+        local r
+        if msg.path then
+          r, _, code = with_cwd(msg.cwd, function() return core.rr_listen("pipe", msg.path, 0, msg.backlog) end)
+        else
+          r, _, code = core.rr_listen("tcp", host, msg.port, msg.backlog, msg.ipv6Only)
+        end
+        ok = r ~= nil
+        entry.rr = r
+      else
+        local h = msg.path and core.pipe_new() or core.tcp_new()
+        if msg.path then
+          ok, _, code = with_cwd(msg.cwd, function() return h:bind(msg.path) end)
+        else
+          ok, _, code = h:bind(host, msg.port, { ipv6Only = msg.ipv6Only })
+        end
+        if ok then ok, _, code = core.listen_fd(h, msg.backlog) end
+        if ok then entry.handle = h else h:close() end
+      end
+      if ok then
+        entry.host = host
+        return entry
+      end
+      last_code = code
+      if code == "EADDRINUSE" or code == "EACCES" then break end
+    end
+    if msg.path and last_code ~= "EADDRINUSE" then entry.unlink = nil end
+    return nil, last_code
+  end
+
+  local function sockname(entry)
+    local h = entry.rr or entry.handle
+    if entry.rr then return h:address() end
+    if entry.unlink or h.getsockname == nil then return nil end
+    return (h:getsockname())
+  end
+
+  function internal.queryServer(worker, msg)
+    local entry = entries[msg.key]
+    if not entry then
+      local err
+      entry, err = create(msg)
+      if not entry then
+        -- the key is forgotten, so a later retry can succeed
+        cluster._sendInternal(worker, { act = "queryReply", seq = msg.seq, err = bind_error(err or "EINVAL", msg) })
+        return
+      end
+      entries[msg.key] = entry
+    end
+    entry.workers[worker.id] = worker
+    local reply = { act = "queryReply", seq = msg.seq, sockname = sockname(entry) }
+    if entry.rr then
+      entry.rr:add(worker._channel)
+      reply.rr = entry.rr:id()
+      cluster._sendInternal(worker, reply)
+    else
+      cluster._sendInternal(worker, reply, entry.handle)
+    end
+  end
+
+  function internal.close(worker, msg)
+    local entry = entries[msg.key]
+    if entry then leave(entry, worker, false) end
+  end
+
+  function internal.handle(worker, msg, raw)
+    local obj = raw and M.wrapHandle(msg.kind, raw, msg.udpType)
+    worker:emit("message", msg.msg, obj)
+    cluster:emit("message", worker, msg.msg, obj)
+  end
+
+  cluster._sendWithHandle = function(worker, message, handle, callback)
+    return M.sendWithHandle(worker._channel, message, handle, callback)
+  end
+end
+
+-- ---------------------------------------------------------------------------
+-- Worker
+
+function M.installWorker(cluster)
+  local internal = cluster._internal
+  local pending = {}      -- seq -> function(reply, handle)
+  local next_seq = 0
+  local listen_counts = {} -- key without index -> listens so far
+  local rr_servers = {}   -- rr id -> server
+  local shared = {}       -- server or socket -> key, the open shared objects
+
+  local function query(msg, on_reply)
+    next_seq = next_seq + 1
+    msg.act, msg.seq = "queryServer", next_seq
+    pending[next_seq] = on_reply
+    cluster._hold() -- the worker waits for the answer
+    cluster._sendInternal(nil, msg)
+  end
+
+  function internal.queryReply(msg, handle)
+    local fn = pending[msg.seq]
+    pending[msg.seq] = nil
+    cluster._release()
+    if fn then fn(msg, handle) elseif handle then handle:close() end
+  end
+
+  function internal.handle(msg, raw)
+    local obj = raw and M.wrapHandle(msg.kind, raw, msg.udpType)
+    cluster.worker:emit("message", msg.msg, obj)
+  end
+
+  local function make_key(address, port, address_type)
+    local base = table.concat({ tostring(address), tostring(port), tostring(address_type), "-1" }, ":")
+    local index = (listen_counts[base] or 0) + 1
+    listen_counts[base] = index
+    return base .. ":" .. index
+  end
+
+  local function report_listening(address_type, sockname, path)
+    local info = { act = "listening", addressType = address_type }
+    if path then
+      info.address = path
+    elseif type(sockname) == "table" then
+      info.address, info.port = sockname.address, sockname.port
+    end
+    cluster._sendInternal(nil, info)
+  end
+
+  -- connections handed by the master's round-robin distributor
+  cluster._channel:on_connection(function(rr_id, seq, stream)
+    local server = rr_servers[rr_id]
+    local channel = cluster._channel
+    if server and server.listening and channel then
+      channel:answer(rr_id, seq, true)
+      server:_acceptStream(stream)
+    else
+      if channel then channel:answer(rr_id, seq, false) end
+      stream:close()
+    end
+  end)
+
+  function cluster._shareListen(server, opts)
+    local address_type = opts.path and -1 or address_type_of(opts.host)
+    local key = make_key(opts.path or opts.host, opts.port, address_type)
+    query({
+      key = key, address = opts.host, port = opts.port, addressType = address_type,
+      path = opts.path, cwd = opts.path and core.cwd() or nil, backlog = opts.backlog,
+      ipv6Only = opts.ipv6Only,
+    }, function(reply, handle)
+      if reply.err then
+        server:_emitError(as_error(reply.err))
+        return
+      end
+      shared[server] = key
+      local previous_on_close = server._onClose
+      server._onClose = function(s)
+        if shared[s] then
+          shared[s] = nil
+          if reply.rr then rr_servers[reply.rr] = nil cluster._release() end
+          cluster._sendInternal(nil, { act = "close", key = key })
+        end
+        if previous_on_close then previous_on_close(s) end
+      end
+      if reply.rr then
+        -- the server has no socket of its own: the channel keeps the worker alive
+        rr_servers[reply.rr] = server
+        cluster._hold()
+        server:_setListening(opts.path or reply.sockname)
+      elseif not server:_adoptHandle(handle) then
+        shared[server] = nil
+        cluster._sendInternal(nil, { act = "close", key = key })
+        return
+      end
+      local sockname = reply.sockname
+      if type(sockname) == "table" and address_type == 6 and sockname.family == "IPv4" then
+        address_type = 4
+      end
+      report_listening(type(sockname) == "table" and (sockname.family == "IPv6" and 6 or 4) or address_type,
+        sockname, opts.path)
+    end)
+  end
+
+  function cluster._shareBind(socket, opts)
+    local address_type = opts.type
+    local key = make_key(opts.address, opts.port, address_type)
+    query({
+      key = key, address = opts.address, port = opts.port, addressType = address_type,
+      reuseAddr = opts.reuseAddr, ipv6Only = opts.ipv6Only,
+    }, function(reply, handle)
+      if reply.err then
+        socket:_failBind(as_error(reply.err))
+        return
+      end
+      shared[socket] = key
+      socket._onClose = function(s)
+        if shared[s] then
+          shared[s] = nil
+          cluster._sendInternal(nil, { act = "close", key = key })
+        end
+      end
+      socket:_adoptHandle(handle)
+      report_listening(address_type, reply.sockname)
+    end)
+  end
+
+  --- Closes every shared server and socket; done() once all have closed.
+  function cluster._closeSharedServers(done)
+    local waiting = 1
+    local function one_closed()
+      waiting = waiting - 1
+      if waiting == 0 then done() end
+    end
+    for obj in pairs(shared) do
+      waiting = waiting + 1
+      obj:close(one_closed)
+    end
+    one_closed()
+  end
+
+  cluster._sendWithHandle = function(_, message, handle, callback)
+    return M.sendWithHandle(cluster._channel, message, handle, callback)
+  end
+end
+
+return M
