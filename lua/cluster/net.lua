@@ -1,0 +1,835 @@
+--- TCP and unix-socket servers and client sockets (Node's `net`).
+--
+-- Works in any process. In a cluster worker, `server:listen` hands the request to
+-- the cluster layer (`cluster._shareListen`), which shares the port through the
+-- master; `exclusive = true` keeps the listen local.
+--
+-- Host names: `net.connect` resolves any host name (an IPv4 result first);
+-- `server:listen` takes numeric addresses and `"localhost"` (127.0.0.1). With no
+-- host, a server listens on `::` (IPv4 too, dual stack) or, without IPv6, `0.0.0.0`.
+-- @module cluster.net
+local core = require "cluster.core"
+local Emitter = require "cluster.emitter"
+local loop = require "cluster.loop"
+local errors = require "cluster.errors"
+
+local type, select, error, tostring, tonumber, setmetatable, getmetatable, pairs =
+  type, select, error, tostring, tonumber, setmetatable, getmetatable, pairs
+local math_type, math_tointeger, tremove = math.type, math.tointeger, table.remove
+local defer = loop.defer
+
+local M = {}
+
+-- A socket's write() returns false once this many bytes wait in its queue (Node's default).
+local HIGH_WATER_MARK = 16 * 1024
+local DEFAULT_BACKLOG = 511
+
+-- ---------------------------------------------------------------------------
+-- helpers
+
+local function argerror(fname, n, name, msg)
+  error(("%s: bad argument #%d (%s): %s"):format(fname, n, name, msg), 3)
+end
+
+local function typeerror(fname, n, name, expected, got)
+  argerror(fname, n, name, ("expected %s, got %s"):format(expected, type(got)))
+end
+
+--- An error object for a libuv error name (as returned in luv's triple).
+local function uv_error(code, syscall, detail, fields)
+  local ok, e = pcall(core.error_object, code, syscall, detail)
+  if not ok then -- not a libuv name: build the same shape in Lua
+    e = errors.new(code, syscall, detail and (syscall .. " " .. code .. " " .. detail) or (syscall .. " " .. code))
+  end
+  if fields then for k, v in pairs(fields) do e[k] = v end end
+  return e
+end
+
+-- Raises err (an error object) when nobody listens for 'error', as Node's emitter does.
+local function emit_error(self, err)
+  if self:listenerCount("error") == 0 then error(err, 0) end
+  self:emit("error", err)
+end
+
+-- A port: an integer, or a string of digits, in 0..65535; nil if v is not one.
+local function to_port(v)
+  if math_type(v) == "float" then v = math_tointeger(v) end
+  if type(v) == "string" and v:match("^%d+$") then v = math_tointeger(tonumber(v)) end
+  if math_type(v) == "integer" then return v end
+  return nil
+end
+
+local function check_port(fname, n, v)
+  local port = to_port(v)
+  if port == nil then typeerror(fname, n, "port", "a port number", v) end
+  if port < 0 or port > 65535 then argerror(fname, n, "port", "must be in 0..65535, got " .. tostring(v)) end
+  return port
+end
+
+local function kind_of(stream)
+  local mt = getmetatable(stream)
+  local name = type(mt) == "table" and mt.__name
+  if name == "cluster.tcp" then return "tcp" end
+  if name == "cluster.pipe" then return "pipe" end
+  return nil
+end
+
+local function host_port(host, port)
+  return host .. ":" .. port
+end
+
+-- ---------------------------------------------------------------------------
+-- Socket
+
+--- A TCP or unix-socket connection: an emitter of `'connect'`, `'data'(chunk)`,
+-- `'end'`, `'drain'`, `'error'(err)`, `'close'(hadError)`.
+-- Fields `remoteAddress`, `remotePort`, `remoteFamily`, `localAddress`, `localPort`,
+-- `bytesRead`, `bytesWritten`, `connecting`, `destroyed`.
+-- @type Socket
+local Socket = Emitter.mixin({})
+Socket.__index = Socket
+M.Socket = Socket
+
+local start_reading, schedule_flush
+
+local function on_new_listener(self, name)
+  if name == "data" and not self._paused then schedule_flush(self) end
+end
+
+local function new_socket(options)
+  options = options or {}
+  local self = setmetatable({
+    connecting = false,
+    destroyed = false,
+    bytesRead = 0,
+    bytesWritten = 0,
+    allowHalfOpen = options.allowHalfOpen and true or false,
+    _handle = nil,
+    _paused = false,   -- pause() was called
+    _reading = false,  -- the handle is reading
+    _buffer = {},      -- chunks read while nobody took them
+    _eof = false,      -- the peer ended, 'end' not yet emitted
+    _readEnded = false,
+    _writeEnded = false,
+    _ending = false,   -- close() was called
+    _pending = nil,    -- writes made while connecting: { {data, cb}, ... }
+    _pendingBytes = 0,
+    _needDrain = false,
+    _onNewListener = on_new_listener,
+  }, Socket)
+  self._onRead = function(err, chunk) self:_read(err, chunk) end
+  self._onDrainMark = function(err) self:_drainMark(err) end
+  return self
+end
+
+local function set_addresses(self)
+  local h = self._handle
+  if kind_of(h) ~= "tcp" then return end
+  local peer = h:getpeername()
+  if peer then
+    self.remoteAddress, self.remotePort, self.remoteFamily = peer.address, peer.port, peer.family
+  end
+  local sock = h:getsockname()
+  if sock then
+    self.localAddress, self.localPort, self.localFamily = sock.address, sock.port, sock.family
+  end
+end
+
+-- Wraps a connected stream userdata.
+local function socket_from_stream(stream, options)
+  local self = new_socket(options)
+  self._handle = stream
+  set_addresses(self)
+  if options and options.pauseOnConnect then self._paused = true end
+  start_reading(self)
+  return self
+end
+
+--- Creates an unconnected socket; see `Socket:connect`.
+-- @tparam[opt] table options `{allowHalfOpen=}`
+-- @treturn Socket
+function Socket.new(options)
+  if options ~= nil and type(options) ~= "table" then
+    typeerror("net.Socket.new", 1, "options", "a table or nil", options)
+  end
+  return new_socket(options)
+end
+
+function start_reading(self)
+  if self._reading or self.destroyed or self._eof or self._readEnded or self.connecting
+     or not self._handle then
+    return
+  end
+  local ok, _, code = self._handle:read_start(self._onRead)
+  if not ok then return self:destroy(uv_error(code, "read")) end
+  self._reading = true
+end
+
+local function stop_reading(self)
+  if not self._reading then return end
+  self._reading = false
+  if not self.destroyed then self._handle:read_stop() end
+end
+
+local function on_end(self)
+  if self._readEnded then return end
+  self._eof = false
+  self._readEnded = true
+  self:emit("end")
+  if self.destroyed then return end
+  if self._writeEnded then
+    self:destroy()
+  elseif not self.allowHalfOpen then
+    self:close()
+  end
+end
+
+-- Hands buffered chunks to 'data' listeners, then reads on (or ends).
+local function flush(self)
+  self._flushScheduled = false
+  local buf = self._buffer
+  while buf[1] and not self._paused and not self.destroyed and self:listenerCount("data") > 0 do
+    self:emit("data", tremove(buf, 1))
+  end
+  if buf[1] or self._paused or self.destroyed then return end
+  if self._eof then on_end(self) else start_reading(self) end
+end
+
+function schedule_flush(self)
+  if self._flushScheduled then return end
+  self._flushScheduled = true
+  defer(flush, self)
+end
+
+-- read callback: chunk, or nil at the end of the stream
+function Socket:_read(err, chunk)
+  if self.destroyed then return end
+  if err then return self:destroy(err) end
+  if chunk == nil then
+    self._reading = false -- libuv stops reading at the end
+    self._eof = true
+    if not self._buffer[1] then on_end(self) end
+    return
+  end
+  self.bytesRead = self.bytesRead + #chunk
+  if self._paused or self._buffer[1] or self:listenerCount("data") == 0 then
+    -- nobody takes it now: keep it and stop reading (backpressure to the peer)
+    self._buffer[#self._buffer + 1] = chunk
+    stop_reading(self)
+  else
+    self:emit("data", chunk)
+  end
+end
+
+--- Stops reading: no `'data'` until `resume()`. @treturn Socket self
+function Socket:pause()
+  self._paused = true
+  stop_reading(self)
+  return self
+end
+
+--- Reads again after `pause()` (from the next loop turn). @treturn Socket self
+function Socket:resume()
+  self._paused = false
+  schedule_flush(self)
+  return self
+end
+
+--- @treturn boolean whether the socket is paused
+function Socket:isPaused() return self._paused end
+
+-- Asks for 'drain' once libuv's queue is empty: an empty write with a callback runs
+-- after all the data queued before it.
+local function request_drain(self)
+  if self._drainMarked then return end
+  self._needDrain = true
+  self._drainMarked = true
+  if not self._handle:write("", self._onDrainMark) then self._drainMarked = false end
+end
+
+function Socket:_drainMark(err)
+  self._drainMarked = false
+  if err or self.destroyed then return end
+  if self._handle:write_queue_size() > 0 then return request_drain(self) end
+  if self._needDrain then
+    self._needDrain = false
+    self:emit("drain")
+  end
+end
+
+local function do_write(self, data, cb)
+  local queued, _, code = self._handle:write(data, cb)
+  if not queued then
+    local err = uv_error(code, "write")
+    if cb then defer(cb, err) end
+    self:destroy(err)
+    return false
+  end
+  self.bytesWritten = self.bytesWritten + #data
+  if queued >= HIGH_WATER_MARK then
+    request_drain(self)
+    return false
+  end
+  return true
+end
+
+--- Writes data. Returns false when the caller should wait for `'drain'` before
+-- writing more (the data is still queued and will be sent).
+-- @tparam string data
+-- @tparam[opt] function callback `callback(err)` once the data is handed to the kernel
+-- @treturn boolean
+function Socket:write(data, callback)
+  if type(data) ~= "string" then typeerror("socket:write", 1, "data", "a string", data) end
+  if callback ~= nil and type(callback) ~= "function" then
+    typeerror("socket:write", 2, "callback", "a function", callback)
+  end
+  if self.destroyed then
+    if callback then
+      defer(callback, errors.new("ERR_STREAM_DESTROYED", "write",
+        "Cannot call write after a stream was destroyed"))
+    end
+    return false
+  end
+  if self._ending then
+    local err = errors.new("ERR_STREAM_WRITE_AFTER_END", "write", "write after end")
+    if callback then defer(callback, err) end
+    defer(function() emit_error(self, err) end)
+    return false
+  end
+  if self.connecting or not self._handle then
+    self._pending = self._pending or {}
+    self._pending[#self._pending + 1] = { data, callback }
+    self._pendingBytes = self._pendingBytes + #data
+    if self._pendingBytes >= HIGH_WATER_MARK then
+      self._needDrain = true
+      return false
+    end
+    return true
+  end
+  return do_write(self, data, callback)
+end
+
+local function do_shutdown(self)
+  local ok, _, code = self._handle:shutdown(function(err)
+    if self.destroyed then return end
+    if err and err.code ~= "ENOTCONN" then return self:destroy(err) end
+    self._writeEnded = true
+    self:emit("finish")
+    if self.destroyed then return end
+    if self._readEnded or err then self:destroy() end
+  end)
+  if not ok then
+    if code == "ENOTCONN" then return self:destroy() end
+    self:destroy(uv_error(code, "shutdown"))
+  end
+end
+
+--- Ends the connection gracefully: writes `data` if given, then everything queued,
+-- then closes the writing side. The socket closes once the peer has ended too.
+-- (Node's `socket.end`; also available as `socket["end"]`.)
+-- @tparam[opt] string data
+-- @tparam[opt] function callback runs on `'finish'` (writing side closed)
+-- @treturn Socket self
+function Socket:close(data, callback)
+  if type(data) == "function" and callback == nil then data, callback = nil, data end
+  if data ~= nil and type(data) ~= "string" then typeerror("socket:close", 1, "data", "a string or nil", data) end
+  if callback ~= nil and type(callback) ~= "function" then
+    typeerror("socket:close", 2, "callback", "a function", callback)
+  end
+  if self.destroyed or self._ending then return self end
+  if data ~= nil then self:write(data) end
+  if callback then self:once("finish", callback) end
+  self._ending = true
+  if self._handle and not self.connecting then do_shutdown(self) end
+  return self
+end
+Socket["end"] = Socket.close
+
+--- Closes the connection at once, dropping unsent data. With `err`, `'error'(err)`
+-- is emitted before `'close'`.
+-- @tparam[opt] table err an error object
+-- @treturn Socket self
+function Socket:destroy(err)
+  if self.destroyed then return self end
+  self.destroyed = true
+  self.connecting = false
+  self._reading = false
+  local function closed()
+    local server = self.server
+    if server then server:_connectionGone(self) end
+    if err then emit_error(self, err) end
+    self:emit("close", err ~= nil)
+  end
+  local pending = self._pending
+  if pending then
+    self._pending, self._pendingBytes = nil, 0
+    local werr = errors.new("ERR_STREAM_DESTROYED", "write", "Cannot call write after a stream was destroyed")
+    for i = 1, #pending do
+      if pending[i][2] then defer(pending[i][2], werr) end
+    end
+  end
+  local h = self._handle
+  if h then h:close(closed) else defer(closed) end
+  return self
+end
+
+-- connect callback
+function Socket:_connected(err)
+  if self.destroyed then return end
+  if err then return self:destroy(err) end
+  self.connecting = false
+  set_addresses(self)
+  local pending = self._pending
+  self._pending, self._pendingBytes = nil, 0
+  local drain = self._needDrain
+  self._needDrain = false
+  if pending then
+    for i = 1, #pending do
+      do_write(self, pending[i][1], pending[i][2])
+      if self.destroyed then return end
+    end
+  end
+  if drain then request_drain(self) end
+  if self._ending then do_shutdown(self) end
+  if self.destroyed then return end
+  if not self._paused then start_reading(self) end
+  self:emit("connect")
+  self:emit("ready")
+end
+
+local function normalize_connect(fname, ...)
+  local n = select("#", ...)
+  local a1, a2, a3 = ...
+  local opts, cb
+  if type(a1) == "table" then
+    opts = {}
+    for k, v in pairs(a1) do opts[k] = v end
+    cb = a2
+    if opts.path == nil then
+      opts.port = check_port(fname, 1, opts.port)
+      if opts.host ~= nil and type(opts.host) ~= "string" then typeerror(fname, 1, "host", "a string", opts.host) end
+    elseif type(opts.path) ~= "string" then
+      typeerror(fname, 1, "path", "a string", opts.path)
+    end
+  elseif to_port(a1) then
+    opts = { port = check_port(fname, 1, a1) }
+    if type(a2) == "function" and n == 2 then
+      cb = a2
+    else
+      if a2 ~= nil and type(a2) ~= "string" then typeerror(fname, 2, "host", "a string", a2) end
+      opts.host, cb = a2, a3
+    end
+  elseif type(a1) == "string" then
+    opts, cb = { path = a1 }, a2
+  else
+    typeerror(fname, 1, "port", "a port number, a path or an options table", a1)
+  end
+  if cb ~= nil and type(cb) ~= "function" then typeerror(fname, n, "callback", "a function", cb) end
+  return opts, cb
+end
+
+--- Connects the socket: `socket:connect(port[, host][, callback])`,
+-- `socket:connect(path[, callback])` or `socket:connect({port=, host=, path=}[, callback])`.
+-- Host defaults to `"localhost"`; `callback` runs on `'connect'`.
+-- @treturn Socket self
+function Socket:connect(...)
+  local opts, cb = normalize_connect("socket:connect", ...)
+  return self:_connect(opts, cb)
+end
+
+function Socket:_connect(opts, cb)
+  if self._handle or self.destroyed then
+    error("socket:connect: the socket is already connected or connecting", 3)
+  end
+  if cb then self:once("connect", cb) end
+  self.connecting = true
+  local on_connect = function(err) self:_connected(err) end
+  local h, ok, _, code
+  if opts.path then
+    h = core.pipe_new()
+    ok, _, code = h:connect(opts.path, on_connect)
+  else
+    h = core.tcp_new()
+    if self._noDelay then h:nodelay(true) end
+    if self._keepAlive then h:keepalive(true, self._keepAlive) end
+    ok, _, code = h:connect(opts.host or "localhost", opts.port, on_connect)
+  end
+  self._handle = h
+  if self._unref then h:unref() end
+  if not ok then
+    local detail = opts.path or host_port(opts.host or "localhost", opts.port)
+    self:destroy(uv_error(code, "connect", detail,
+      opts.path and { path = opts.path } or { address = opts.host or "localhost", port = opts.port }))
+  end
+  return self
+end
+
+--- Disables (or enables) Nagle's algorithm. @tparam[opt=true] boolean noDelay @treturn Socket self
+function Socket:setNoDelay(noDelay)
+  if noDelay == nil then noDelay = true end
+  self._noDelay = noDelay and true or false
+  local h = self._handle
+  if h and not self.destroyed and kind_of(h) == "tcp" then h:nodelay(self._noDelay) end
+  return self
+end
+
+--- Enables TCP keep-alive. @tparam boolean enable
+-- @tparam[opt] number initialDelay milliseconds before the first probe (0: the system's default)
+-- @treturn Socket self
+function Socket:setKeepAlive(enable, initialDelay)
+  if initialDelay ~= nil and type(initialDelay) ~= "number" then
+    typeerror("socket:setKeepAlive", 2, "initialDelay", "a number of milliseconds", initialDelay)
+  end
+  local secs = initialDelay and initialDelay > 0 and math.max(1, math.ceil(initialDelay / 1000)) or 7200
+  self._keepAlive = enable and math.tointeger(secs) or false
+  local h = self._handle
+  if h and not self.destroyed and kind_of(h) == "tcp" then h:keepalive(enable and true or false, self._keepAlive or 1) end
+  return self
+end
+
+--- The local address `{address=, family=, port=}` (nil for unix sockets or when not connected).
+function Socket:address()
+  local h = self._handle
+  if not h or self.destroyed or kind_of(h) ~= "tcp" then return nil end
+  return (h:getsockname())
+end
+
+--- Lets the loop end while this socket is open. @treturn Socket self
+function Socket:unref()
+  self._unref = true
+  if self._handle and not self.destroyed then self._handle:unref() end
+  return self
+end
+
+--- Undoes `unref`. @treturn Socket self
+function Socket:ref()
+  self._unref = false
+  if self._handle and not self.destroyed then self._handle:ref() end
+  return self
+end
+
+--- Opens a connection: `net.connect(port[, host][, callback])`, `net.connect(path[, callback])`
+-- or `net.connect({port=, host=, path=, allowHalfOpen=}[, callback])`.
+-- @treturn Socket
+function M.connect(...)
+  local opts, cb = normalize_connect("net.connect", ...)
+  return new_socket(opts):_connect(opts, cb)
+end
+M.createConnection = M.connect
+
+--- Wraps a connected stream handle (cluster.tcp or cluster.pipe userdata, for example one
+-- received over the IPC channel) as a Socket. Internal.
+function M._wrapStream(stream, options)
+  if not kind_of(stream) then typeerror("net._wrapStream", 1, "stream", "a cluster.tcp or cluster.pipe handle", stream) end
+  return socket_from_stream(stream, options)
+end
+
+-- ---------------------------------------------------------------------------
+-- Server
+
+--- A TCP or unix-socket server: an emitter of `'listening'`, `'connection'(socket)`,
+-- `'close'`, `'error'(err)`. Field `listening`.
+-- @type Server
+local Server = Emitter.mixin({})
+Server.__index = Server
+M.Server = Server
+
+--- Creates a server. @tparam[opt] table options `{allowHalfOpen=, pauseOnConnect=}`
+-- @tparam[opt] function onConnection a `'connection'` listener
+-- @treturn Server
+function M.createServer(options, onConnection)
+  if type(options) == "function" and onConnection == nil then options, onConnection = nil, options end
+  if options ~= nil and type(options) ~= "table" then
+    typeerror("net.createServer", 1, "options", "a table", options)
+  end
+  if onConnection ~= nil and type(onConnection) ~= "function" then
+    typeerror("net.createServer", 2, "onConnection", "a function", onConnection)
+  end
+  options = options or {}
+  local self = setmetatable({
+    listening = false,
+    allowHalfOpen = options.allowHalfOpen and true or false,
+    pauseOnConnect = options.pauseOnConnect and true or false,
+    _handle = nil,
+    _connections = {},
+    _connectionCount = 0,
+  }, Server)
+  if onConnection then self:on("connection", onConnection) end
+  return self
+end
+
+local function normalize_listen(...)
+  local fname = "server:listen"
+  local n = select("#", ...)
+  local args = { ... }
+  local cb
+  if n > 0 and type(args[n]) == "function" then
+    cb = args[n]
+    args[n] = nil
+    n = n - 1
+  end
+  local a1 = args[1]
+  local opts
+  if type(a1) == "table" then
+    if n > 1 then argerror(fname, 2, "callback", "expected a function, got " .. type(args[2])) end
+    opts = { host = a1.host, port = a1.port, path = a1.path, backlog = a1.backlog,
+             exclusive = a1.exclusive and true or false, ipv6Only = a1.ipv6Only and true or false }
+    if opts.path ~= nil then
+      if type(opts.path) ~= "string" then typeerror(fname, 1, "path", "a string", opts.path) end
+      opts.host, opts.port = nil, nil
+    else
+      opts.port = check_port(fname, 1, opts.port or 0)
+      if opts.host ~= nil and type(opts.host) ~= "string" then typeerror(fname, 1, "host", "a string", opts.host) end
+    end
+    if opts.backlog ~= nil and not to_port(opts.backlog) then
+      typeerror(fname, 1, "backlog", "an integer", opts.backlog)
+    end
+  elseif a1 == nil or to_port(a1) then
+    opts = { port = check_port(fname, 1, a1 or 0) }
+    local i = 2
+    if type(args[2]) == "string" and not to_port(args[2]) then
+      opts.host, i = args[2], 3
+    elseif args[2] == nil and n >= 3 then
+      i = 3 -- listen(port, nil, backlog)
+    end
+    if args[i] ~= nil then
+      if not to_port(args[i]) then typeerror(fname, i, "backlog", "an integer", args[i]) end
+      opts.backlog = to_port(args[i])
+    end
+    if n > i then argerror(fname, n, "callback", "expected a function, got " .. type(args[n])) end
+  elseif type(a1) == "string" then
+    opts = { path = a1 }
+    if args[2] ~= nil then
+      if not to_port(args[2]) then typeerror(fname, 2, "backlog", "an integer", args[2]) end
+      opts.backlog = to_port(args[2])
+    end
+    if n > 2 then argerror(fname, n, "callback", "expected a function, got " .. type(args[n])) end
+  else
+    typeerror(fname, 1, "port", "a port number, a path or an options table", a1)
+  end
+  opts.backlog = math_tointeger(opts.backlog) or DEFAULT_BACKLOG
+  return opts, cb
+end
+
+--- Starts listening: `server:listen(port[, host][, backlog][, callback])`,
+-- `server:listen(path[, backlog][, callback])` or
+-- `server:listen({port=, host=, path=, backlog=, exclusive=, ipv6Only=}[, callback])`.
+-- Port 0 (or none) picks a free port. `callback` runs on `'listening'`; failures reach
+-- `'error'` (an error object with `code`, `errno`, `syscall`, `message` and `address`/`port`
+-- or `path`).
+-- @treturn Server self
+function Server:listen(...)
+  local opts, cb = normalize_listen(...)
+  if self._handle or self.listening then
+    error("server:listen: the server is already listening", 2)
+  end
+  if cb then self:once("listening", cb) end
+  self._closing, self._closeEmitted = false, false
+  self._backlog = opts.backlog
+  self._path = opts.path
+  local cluster = package.loaded["cluster"]
+  if type(cluster) == "table" and cluster.isWorker and not opts.exclusive and cluster._shareListen then
+    cluster._shareListen(self, opts)
+    return self
+  end
+  self:_listenLocal(opts)
+  return self
+end
+
+-- Creates, binds and listens a handle; returns it, or nil and an error object.
+local function listen_handle(self, opts, host)
+  local h, ok, _, code
+  local on_connection = function(err) self:_onConnection(err) end
+  if opts.path then
+    h = core.pipe_new()
+    ok, _, code = h:bind(opts.path)
+  else
+    h = core.tcp_new()
+    ok, _, code = h:bind(host, opts.port, { ipv6Only = opts.ipv6Only })
+  end
+  if ok then ok, _, code = h:listen(opts.backlog, on_connection) end
+  if not ok then
+    h:close()
+    local fields = opts.path and { path = opts.path } or { address = host, port = opts.port }
+    return nil, uv_error(code, "listen", opts.path or host_port(host, opts.port), fields), "bind"
+  end
+  return h
+end
+
+function Server:_listenLocal(opts)
+  local h, err
+  if opts.path or opts.host then
+    h, err = listen_handle(self, opts, opts.host)
+  else
+    -- Node: the IPv6 any-address (dual stack) when the system has IPv6, else IPv4's
+    h, err = listen_handle(self, opts, "::")
+    if not h and err.code ~= "EADDRINUSE" and err.code ~= "EACCES" then
+      h, err = listen_handle(self, opts, "0.0.0.0")
+    end
+  end
+  if not h then
+    defer(function() emit_error(self, err) end)
+    return
+  end
+  self:_setHandle(h)
+end
+
+function Server:_setHandle(h)
+  self._handle = h
+  self.listening = true
+  if self._unref then h:unref() end
+  defer(function() if self.listening then self:emit("listening") end end)
+end
+
+function Server:_onConnection(err)
+  if err then return emit_error(self, err) end
+  if not self._handle then return end
+  local stream, _, code = self._handle:accept()
+  if not stream then
+    if code == "EAGAIN" then return end
+    return emit_error(self, uv_error(code, "accept"))
+  end
+  self:_acceptStream(stream)
+end
+
+--- Takes over a bound (not yet listening) handle from the master and listens on it
+-- (the cluster layer's SCHED_NONE). Internal.
+-- @param stream a cluster.tcp or cluster.pipe userdata
+-- @treturn boolean whether it listens (on failure, `'error'` follows)
+function Server:_adoptHandle(stream)
+  local ok, _, code = stream:listen(self._backlog or DEFAULT_BACKLOG,
+    function(err) self:_onConnection(err) end)
+  if not ok then
+    stream:close()
+    local err = uv_error(code, "listen")
+    defer(function() emit_error(self, err) end)
+    return false
+  end
+  self:_setHandle(stream)
+  return true
+end
+
+--- Marks the server as listening without a handle of its own and emits `'listening'`
+-- (the cluster layer's round-robin: the master accepts and sends connections). Internal.
+-- @tparam table|string address what `server:address()` will return
+function Server:_setListening(address)
+  self._address = address
+  self.listening = true
+  defer(function() if self.listening then self:emit("listening") end end)
+end
+
+--- Wraps an accepted, connected stream as a Socket and emits `'connection'`. Internal
+-- (round-robin connections from the master use it too).
+-- @param stream a cluster.tcp or cluster.pipe userdata
+-- @treturn Socket|nil the socket, or nil when the server is not listening (stream closed)
+function Server:_acceptStream(stream)
+  if not self.listening then
+    stream:close()
+    return nil
+  end
+  local sock = socket_from_stream(stream, self)
+  sock.server = self
+  self._connections[sock] = true
+  self._connectionCount = self._connectionCount + 1
+  self:emit("connection", sock)
+  return sock
+end
+
+--- Emits `'error'(err)` (raising it when nobody listens). Internal, for the cluster layer.
+function Server:_emitError(err)
+  self.listening = false
+  emit_error(self, err)
+end
+
+function Server:_connectionGone(sock)
+  if not self._connections[sock] then return end
+  self._connections[sock] = nil
+  self._connectionCount = self._connectionCount - 1
+  self:_maybeClosed()
+end
+
+function Server:_maybeClosed()
+  if self._closing and not self._closeEmitted and self._connectionCount == 0 and not self._handleClosing then
+    self._closeEmitted = true
+    defer(function() self:emit("close") end)
+  end
+end
+
+--- Stops accepting connections. `'close'` follows once every connection of the server
+-- has closed. `callback` runs on `'close'`, or with an error if the server was not listening.
+-- @tparam[opt] function callback
+-- @treturn Server self
+function Server:close(callback)
+  if callback ~= nil and type(callback) ~= "function" then
+    typeerror("server:close", 1, "callback", "a function", callback)
+  end
+  if not self.listening and not self._handle then
+    if callback then
+      defer(callback, errors.new("ERR_SERVER_NOT_RUNNING", "close", "Server is not running."))
+    end
+    return self
+  end
+  if callback then self:once("close", callback) end
+  self.listening = false
+  self._closing = true
+  local h = self._handle
+  if h then
+    self._handle = nil
+    self._handleClosing = true
+    h:close(function()
+      self._handleClosing = false
+      self:_maybeClosed()
+    end)
+  end
+  if self._onClose then self._onClose(self) end
+  self:_maybeClosed()
+  return self
+end
+
+--- The bound address: `{address=, family=, port=}`, or the path for a unix socket,
+-- or nil when not listening.
+function Server:address()
+  local h = self._handle
+  if h then
+    if self._path then return self._path end
+    return (h:getsockname())
+  end
+  if self.listening then return self._address end
+  return nil
+end
+
+--- Calls `callback(nil, count)` with the number of open connections.
+function Server:getConnections(callback)
+  if type(callback) ~= "function" then typeerror("server:getConnections", 1, "callback", "a function", callback) end
+  defer(callback, nil, self._connectionCount)
+  return self
+end
+
+--- Lets the loop end while the server listens. @treturn Server self
+function Server:unref()
+  self._unref = true
+  if self._handle then self._handle:unref() end
+  return self
+end
+
+--- Undoes `unref`. @treturn Server self
+function Server:ref()
+  self._unref = false
+  if self._handle then self._handle:ref() end
+  return self
+end
+
+--- Wraps a listening stream handle (received over the IPC channel) as a Server. Internal.
+function M._wrapServer(stream)
+  local server = M.createServer()
+  if kind_of(stream) == "pipe" then
+    local path = stream:getsockname()
+    server._path = path
+  end
+  server:_adoptHandle(stream)
+  return server
+end
+
+M._uvError = uv_error
+
+return M

@@ -1,0 +1,678 @@
+-- cluster.net in a plain process: real sockets on loopback and unix paths.
+local core = require "cluster.core"
+local net = require "cluster.net"
+
+-- Runs the loop until cond() holds or `ms` pass; returns cond().
+local function run_until(cond, ms)
+  local timed_out = false
+  local guard = core.timer()
+  guard:start(ms or 5000, 0, function() timed_out = true end)
+  while not cond() and not timed_out do core.run_once() end
+  guard:close()
+  return cond() and true or false
+end
+
+-- Runs the loop for `ms` (for "nothing happens" checks).
+local function run_for(ms)
+  local done = false
+  local t = core.timer()
+  t:start(ms, 0, function() done = true end)
+  while not done do core.run_once() end
+  t:close()
+end
+
+-- Lets closing handles finish; true when the loop has nothing left.
+local function settle()
+  local deadline = core.hrtime() + 2
+  while core.alive() and core.hrtime() < deadline do core.poll() end
+  return not core.alive()
+end
+
+local function has_ipv6()
+  local h = core.tcp_new()
+  local ok = h:bind("::1", 0)
+  h:close()
+  settle()
+  return ok == true
+end
+
+local function tmp_path(name)
+  return os.tmpname() .. "-" .. name .. ".sock"
+end
+
+-- A listening echo server on 127.0.0.1; returns server, port.
+local function echo_server(opts)
+  local server = net.createServer(opts, function(sock)
+    sock:on("data", function(d) sock:write(d) end)
+  end)
+  local ready = false
+  server:listen(0, "127.0.0.1", function() ready = true end)
+  assert.is_true(run_until(function() return ready end))
+  return server, server:address().port
+end
+
+local function close_server(server)
+  local closed = false
+  server:close(function() closed = true end)
+  assert.is_true(run_until(function() return closed end), "server 'close' never came")
+end
+
+-- A port that nothing listens on (bound once, then released).
+local function free_port()
+  local h = core.tcp_new()
+  h:bind("127.0.0.1", 0)
+  h:listen(1, function() end)
+  local port = h:getsockname().port
+  h:close()
+  settle()
+  return port
+end
+
+describe("cluster.net", function()
+  local idle_before
+  before_each(function() idle_before = settle() end)
+  after_each(function()
+    if idle_before then assert.is_true(settle(), "a handle was left open") end
+  end)
+
+  describe("server:listen", function()
+    it("listen(0) picks a free port and address() reports it", function()
+      local server = net.createServer()
+      local listened = false
+      server:listen(0, "127.0.0.1", function() listened = true end)
+      assert.is_true(server.listening)
+      local a = server:address()
+      assert.are.equal("127.0.0.1", a.address)
+      assert.are.equal("IPv4", a.family)
+      assert.is_true(a.port > 0)
+      assert.is_true(run_until(function() return listened end))
+      close_server(server)
+      assert.is_false(server.listening)
+      assert.is_nil(server:address())
+    end)
+
+    it("emits 'listening' after listen returns, never inside it", function()
+      local server = net.createServer()
+      local events = {}
+      server:on("listening", function() events[#events + 1] = "listening" end)
+      server:listen(0)
+      events[#events + 1] = "returned"
+      assert.is_true(run_until(function() return #events == 2 end))
+      assert.are.same({ "returned", "listening" }, events)
+      close_server(server)
+    end)
+
+    it("listen() with no host listens on every interface", function()
+      local server = net.createServer()
+      server:listen()
+      local a = server:address()
+      assert.is_true(a.address == "::" or a.address == "0.0.0.0")
+      assert.is_true(a.port > 0)
+      local connected = false
+      local c
+      c = net.connect(a.port, "127.0.0.1", function() connected = true end)
+      assert.is_true(run_until(function() return connected end))
+      c:destroy()
+      close_server(server)
+    end)
+
+    it("accepts (port, host, backlog, callback) and a numeric string port", function()
+      local server = net.createServer()
+      local listened = false
+      server:listen("0", "127.0.0.1", 16, function() listened = true end)
+      assert.is_true(run_until(function() return listened end))
+      assert.is_true(server:address().port > 0)
+      close_server(server)
+    end)
+
+    it("accepts an options table {port=, host=, backlog=}", function()
+      local server = net.createServer()
+      local listened = false
+      server:listen({ port = 0, host = "127.0.0.1", backlog = 8 }, function() listened = true end)
+      assert.is_true(run_until(function() return listened end))
+      assert.are.equal("127.0.0.1", server:address().address)
+      close_server(server)
+    end)
+
+    it("listens on a unix socket path and address() returns the path", function()
+      local path = tmp_path("listen")
+      local server = net.createServer(function(sock)
+        sock:on("data", function(d) sock:write(d) end)
+      end)
+      local listened = false
+      server:listen(path, function() listened = true end)
+      assert.is_true(run_until(function() return listened end))
+      assert.are.equal(path, server:address())
+      local got = ""
+      local c = net.connect(path)
+      c:on("connect", function() c:write("over unix") end)
+      c:on("data", function(d) got = got .. d end)
+      assert.is_true(run_until(function() return got == "over unix" end))
+      c:destroy()
+      close_server(server)
+      os.remove(path:gsub("%-listen%.sock$", ""))
+    end)
+
+    it("listens on a unix socket given as {path=}", function()
+      local path = tmp_path("opts")
+      local server = net.createServer()
+      local listened = false
+      server:listen({ path = path }, function() listened = true end)
+      assert.is_true(run_until(function() return listened end))
+      assert.are.equal(path, server:address())
+      close_server(server)
+      assert.is_nil(io.open(path, "r"), "the socket file is removed on close")
+      os.remove(path:gsub("%-opts%.sock$", ""))
+    end)
+
+    it("reports EADDRINUSE as an error object with code, errno, syscall, message, address, port", function()
+      local a = net.createServer()
+      a:listen(0, "127.0.0.1")
+      local port = a:address().port
+      local b = net.createServer()
+      local err
+      b:on("error", function(e) err = e end)
+      b:listen(port, "127.0.0.1")
+      assert.is_true(run_until(function() return err ~= nil end))
+      assert.are.equal("EADDRINUSE", err.code)
+      assert.are.equal("number", math.type(err.errno) and "number")
+      assert.is_true(err.errno < 0)
+      assert.are.equal("listen", err.syscall)
+      assert.are.equal("listen EADDRINUSE 127.0.0.1:" .. port, err.message)
+      assert.are.equal(err.message, tostring(err))
+      assert.are.equal("127.0.0.1", err.address)
+      assert.are.equal(port, err.port)
+      assert.is_false(b.listening)
+      close_server(a)
+    end)
+
+    it("reports EADDRINUSE on a unix path with the path", function()
+      local path = tmp_path("inuse")
+      local a = net.createServer()
+      a:listen(path)
+      local b = net.createServer()
+      local err
+      b:on("error", function(e) err = e end)
+      b:listen(path)
+      assert.is_true(run_until(function() return err ~= nil end))
+      assert.are.equal("EADDRINUSE", err.code)
+      assert.are.equal(path, err.path)
+      close_server(a)
+      os.remove(path:gsub("%-inuse%.sock$", ""))
+    end)
+
+    it("raises an 'error' nobody listens for out of the loop", function()
+      local a = net.createServer()
+      a:listen(0, "127.0.0.1")
+      local b = net.createServer()
+      b:listen(a:address().port, "127.0.0.1")
+      local ok, msg = pcall(run_until, function() return false end, 2000)
+      assert.is_false(ok)
+      assert.matches("EADDRINUSE", tostring(msg))
+      close_server(a)
+    end)
+
+    it("raises on bad arguments, naming the function and argument", function()
+      local server = net.createServer()
+      assert.has_error(function() server:listen(true) end,
+        "server:listen: bad argument #1 (port): expected a port number, a path or an options table, got boolean")
+      assert.has_error(function() server:listen(70000) end,
+        "server:listen: bad argument #1 (port): must be in 0..65535, got 70000")
+      assert.has_error(function() server:listen(0, "127.0.0.1", "x") end)
+      assert.has_error(function() net.createServer(42) end)
+      assert.has_error(function() server:close(42) end)
+      assert.is_false(server.listening)
+    end)
+
+    it("raises when listening twice", function()
+      local server = net.createServer()
+      server:listen(0, "127.0.0.1")
+      assert.has_error(function() server:listen(0) end, "server:listen: the server is already listening")
+      close_server(server)
+    end)
+
+    it("close(callback) on a server that is not listening passes an error", function()
+      local server = net.createServer()
+      local err
+      server:close(function(e) err = e end)
+      assert.is_true(run_until(function() return err ~= nil end))
+      assert.are.equal("ERR_SERVER_NOT_RUNNING", err.code)
+    end)
+  end)
+
+  describe("connections", function()
+    it("round-trips data through an echo server and fills in the addresses", function()
+      local server, port = echo_server()
+      local accepted
+      server:on("connection", function(s) accepted = s end)
+      local got, connected = "", false
+      local c
+      c = net.connect(port, "127.0.0.1", function() connected = true end)
+      c:on("data", function(d) got = got .. d end)
+      c:on("connect", function() c:write("hello ") c:write("world") end)
+      assert.is_true(run_until(function() return got == "hello world" end))
+      assert.is_true(connected)
+      assert.are.equal("127.0.0.1", c.remoteAddress)
+      assert.are.equal(port, c.remotePort)
+      assert.are.equal("IPv4", c.remoteFamily)
+      assert.are.equal("127.0.0.1", c.localAddress)
+      assert.is_true(c.localPort > 0)
+      assert.are.equal(c.localPort, accepted.remotePort)
+      assert.are.equal(port, accepted.localPort)
+      assert.are.equal(11, c.bytesWritten)
+      assert.are.equal(11, c.bytesRead)
+      c:destroy()
+      close_server(server)
+    end)
+
+    it("connects with an options table and defaults the host to localhost", function()
+      local server, port = echo_server()
+      local n = 0
+      local c1 = net.connect({ port = port, host = "127.0.0.1" }, function() n = n + 1 end)
+      local c2 = net.createConnection(port, function() n = n + 1 end)
+      assert.is_true(run_until(function() return n == 2 end))
+      c1:destroy()
+      c2:destroy()
+      close_server(server)
+    end)
+
+    it("buffers writes made while connecting", function()
+      local server, port = echo_server()
+      local got = ""
+      local c = net.connect(port, "127.0.0.1")
+      assert.is_true(c.connecting)
+      assert.is_true(c:write("early"))
+      c:on("data", function(d) got = got .. d end)
+      assert.is_true(run_until(function() return got == "early" end))
+      assert.is_false(c.connecting)
+      c:destroy()
+      close_server(server)
+    end)
+
+    it("runs write callbacks after the data is written, never inside write", function()
+      local server, port = echo_server()
+      local order = {}
+      local c = net.connect(port, "127.0.0.1")
+      c:on("connect", function()
+        c:write("x", function(err) order[#order + 1] = err == nil and "cb" or tostring(err) end)
+        order[#order + 1] = "returned"
+      end)
+      assert.is_true(run_until(function() return #order == 2 end))
+      assert.are.same({ "returned", "cb" }, order)
+      c:destroy()
+      close_server(server)
+    end)
+
+    it("reports ECONNREFUSED with address and port", function()
+      local port = free_port()
+      local c = net.connect(port, "127.0.0.1")
+      local err, closed
+      c:on("error", function(e) err = e end)
+      c:on("close", function(had_error) closed = had_error end)
+      assert.is_true(run_until(function() return closed ~= nil end))
+      assert.are.equal("ECONNREFUSED", err.code)
+      assert.are.equal("connect", err.syscall)
+      assert.are.equal("connect ECONNREFUSED 127.0.0.1:" .. port, err.message)
+      assert.are.equal("127.0.0.1", err.address)
+      assert.are.equal(port, err.port)
+      assert.is_true(closed)
+    end)
+
+    it("resolves a host name", function()
+      local server, port = echo_server()
+      local connected = false
+      local c
+      c = net.connect(port, "localhost", function() connected = true end)
+      assert.is_true(run_until(function() return connected end))
+      c:destroy()
+      close_server(server)
+    end)
+
+    it("returns false on a large write and emits 'drain'; every byte arrives", function()
+      local received, drained = 0, false
+      local server = net.createServer(function(sock)
+        sock:on("data", function(d) received = received + #d end)
+      end)
+      server:listen(0, "127.0.0.1")
+      local port = server:address().port
+      local size = 8 * 1024 * 1024
+      local data = string.rep("0123456789abcdef", size // 16)
+      local ret
+      local c
+      c = net.connect(port, "127.0.0.1", function()
+        ret = c:write(data)
+      end)
+      c:on("drain", function() drained = true end)
+      assert.is_true(run_until(function() return drained and received == size end, 10000))
+      assert.is_false(ret)
+      c:destroy()
+      close_server(server)
+    end)
+
+    it("checks every byte of a multi-megabyte echo", function()
+      local server, port = echo_server()
+      local parts = {}
+      for i = 1, 40000 do parts[i] = string.format("%08d", i) end
+      local data = table.concat(parts)
+      local got = {}
+      local n = 0
+      local c = net.connect(port, "127.0.0.1")
+      c:on("data", function(d) got[#got + 1] = d n = n + #d end)
+      c:on("connect", function() c:write(data) end)
+      assert.is_true(run_until(function() return n == #data end, 10000))
+      assert.are.equal(data, table.concat(got))
+      c:destroy()
+      close_server(server)
+    end)
+
+    it("close(data) writes everything queued before ending", function()
+      local size = 4 * 1024 * 1024
+      local server = net.createServer(function(sock)
+        sock:close(string.rep("z", size))
+      end)
+      server:listen(0, "127.0.0.1")
+      local got, ended, closed = 0, false, false
+      local c = net.connect(server:address().port, "127.0.0.1")
+      c:on("data", function(d) got = got + #d end)
+      c:on("end", function() ended = true end)
+      c:on("close", function() closed = true end)
+      assert.is_true(run_until(function() return closed end, 10000))
+      assert.are.equal(size, got)
+      assert.is_true(ended)
+      close_server(server)
+    end)
+
+    it("emits 'end' then 'close' when the peer ends", function()
+      local server = net.createServer(function(sock) sock:close("bye") end)
+      server:listen(0, "127.0.0.1")
+      local events = {}
+      local c = net.connect(server:address().port, "127.0.0.1")
+      c:on("data", function(d) events[#events + 1] = "data:" .. d end)
+      c:on("end", function() events[#events + 1] = "end" end)
+      c:on("close", function(had_error) events[#events + 1] = "close:" .. tostring(had_error) end)
+      assert.is_true(run_until(function() return #events == 3 end))
+      assert.are.same({ "data:bye", "end", "close:false" }, events)
+      close_server(server)
+    end)
+
+    it("ends its own side when the peer ends (allowHalfOpen false)", function()
+      local server_closed = false
+      local server = net.createServer(function(sock)
+        sock:on("data", function() end)
+        sock:on("close", function() server_closed = true end)
+      end)
+      server:listen(0, "127.0.0.1")
+      local closed = false
+      local c
+      c = net.connect(server:address().port, "127.0.0.1", function() c:close() end)
+      c:on("close", function() closed = true end)
+      c:on("data", function() end)
+      assert.is_true(run_until(function() return closed and server_closed end))
+      close_server(server)
+    end)
+
+    it("keeps the writing side open with allowHalfOpen", function()
+      local server = net.createServer({ allowHalfOpen = true }, function(sock)
+        sock:on("data", function() end)
+        sock:on("end", function() sock:close("after end") end)
+      end)
+      server:listen(0, "127.0.0.1")
+      local got, closed = "", false
+      local c
+      c = net.connect(server:address().port, "127.0.0.1", function() c:close() end)
+      c:on("data", function(d) got = got .. d end)
+      c:on("close", function() closed = true end)
+      assert.is_true(run_until(function() return closed end))
+      assert.are.equal("after end", got)
+      close_server(server)
+    end)
+
+    it("destroy() closes at once: 'close' without error, the peer sees the end", function()
+      local peer_ended, peer_closed = false, false
+      local server = net.createServer(function(sock)
+        sock:on("data", function() end)
+        sock:on("end", function() peer_ended = true end)
+        sock:on("close", function() peer_closed = true end)
+      end)
+      server:listen(0, "127.0.0.1")
+      local closed
+      local c = net.connect(server:address().port, "127.0.0.1")
+      c:on("close", function(had_error) closed = had_error end)
+      c:on("connect", function() c:destroy() end)
+      assert.is_true(run_until(function() return closed ~= nil and peer_closed end))
+      assert.is_false(closed)
+      assert.is_true(c.destroyed)
+      assert.is_true(peer_ended)
+      assert.is_false(c:write("late"))
+      close_server(server)
+    end)
+
+    it("destroy(err) emits 'error' then 'close'", function()
+      local server = net.createServer()
+      server:listen(0, "127.0.0.1")
+      local events = {}
+      local c = net.connect(server:address().port, "127.0.0.1")
+      c:on("error", function(e) events[#events + 1] = "error:" .. e.code end)
+      c:on("close", function(had_error) events[#events + 1] = "close:" .. tostring(had_error) end)
+      c:destroy(net._uvError("ECONNRESET", "read"))
+      assert.is_true(run_until(function() return #events == 2 end))
+      assert.are.same({ "error:ECONNRESET", "close:true" }, events)
+      close_server(server)
+    end)
+
+    it("pause() stops 'data' until resume()", function()
+      local server_sock
+      local got = ""
+      local server = net.createServer(function(sock)
+        server_sock = sock
+        sock:pause()
+        sock:on("data", function(d) got = got .. d end)
+      end)
+      server:listen(0, "127.0.0.1")
+      local c
+      c = net.connect(server:address().port, "127.0.0.1", function() c:write("while paused") end)
+      assert.is_true(run_until(function() return server_sock ~= nil end))
+      run_for(200)
+      assert.are.equal("", got)
+      assert.is_true(server_sock:isPaused())
+      server_sock:resume()
+      assert.is_true(run_until(function() return got == "while paused" end))
+      c:destroy()
+      close_server(server)
+    end)
+
+    it("keeps data that arrives before a 'data' listener is added", function()
+      local server_sock
+      local server = net.createServer(function(sock) server_sock = sock end)
+      server:listen(0, "127.0.0.1")
+      local c
+      c = net.connect(server:address().port, "127.0.0.1", function() c:close("early bird") end)
+      assert.is_true(run_until(function() return server_sock ~= nil end))
+      run_for(200)
+      local got, ended = "", false
+      server_sock:on("end", function() ended = true end)
+      server_sock:on("data", function(d) got = got .. d end)
+      assert.is_true(run_until(function() return ended end))
+      assert.are.equal("early bird", got)
+      close_server(server)
+    end)
+
+    it("server close waits for its connections before 'close'", function()
+      local server_sock
+      local server = net.createServer(function(sock)
+        server_sock = sock
+        sock:on("data", function(d) sock:write(d) end)
+      end)
+      server:listen(0, "127.0.0.1")
+      local port = server:address().port
+      local got = ""
+      local c = net.connect(port, "127.0.0.1")
+      c:on("data", function(d) got = got .. d end)
+      assert.is_true(run_until(function() return server_sock ~= nil end))
+      local server_closed = false
+      server:close(function() server_closed = true end)
+      assert.is_false(server.listening)
+      -- no new connections
+      local refused
+      local c2 = net.connect(port, "127.0.0.1")
+      c2:on("error", function(e) refused = e.code end)
+      assert.is_true(run_until(function() return refused ~= nil end))
+      assert.are.equal("ECONNREFUSED", refused)
+      -- the existing connection still works and the server has not closed
+      c:write("still here")
+      assert.is_true(run_until(function() return got == "still here" end))
+      run_for(100)
+      assert.is_false(server_closed)
+      local count
+      server:getConnections(function(_, n) count = n end)
+      assert.is_true(run_until(function() return count ~= nil end))
+      assert.are.equal(1, count)
+      c:close()
+      assert.is_true(run_until(function() return server_closed end))
+    end)
+
+    it("sets socket options (setNoDelay, setKeepAlive) without failing", function()
+      local server, port = echo_server()
+      local c = net.connect(port, "127.0.0.1")
+      c:setNoDelay(true)
+      c:setKeepAlive(true, 1000)
+      local connected = false
+      c:on("connect", function()
+        c:setNoDelay(false)
+        c:setKeepAlive(false)
+        connected = true
+      end)
+      assert.is_true(run_until(function() return connected end))
+      assert.are.equal("127.0.0.1", c:address().address)
+      c:destroy()
+      close_server(server)
+    end)
+
+    it("raises on bad write arguments", function()
+      local c = net.Socket.new()
+      assert.has_error(function() c:write(42) end,
+        "socket:write: bad argument #1 (data): expected a string, got number")
+      assert.has_error(function() c:write("x", 42) end,
+        "socket:write: bad argument #2 (callback): expected a function, got number")
+      assert.has_error(function() net.connect(true) end)
+    end)
+
+    it("emits an error for a write after close()", function()
+      local server, port = echo_server()
+      local err
+      local c = net.connect(port, "127.0.0.1")
+      c:on("error", function(e) err = e end)
+      c:on("connect", function()
+        c:close()
+        assert.is_false(c:write("too late"))
+      end)
+      assert.is_true(run_until(function() return err ~= nil end))
+      assert.are.equal("ERR_STREAM_WRITE_AFTER_END", err.code)
+      c:destroy()
+      close_server(server)
+    end)
+  end)
+
+  describe("IPv6", function()
+    it("listens and connects on ::1 when the system has IPv6", function()
+      if not has_ipv6() then
+        pending("no IPv6 on this system")
+        return
+      end
+      local server = net.createServer(function(sock)
+        sock:on("data", function(d) sock:write(d) end)
+      end)
+      server:listen(0, "::1")
+      local a = server:address()
+      assert.are.equal("::1", a.address)
+      assert.are.equal("IPv6", a.family)
+      local got = ""
+      local c
+      c = net.connect(a.port, "::1", function() c:write("six") end)
+      c:on("data", function(d) got = got .. d end)
+      assert.is_true(run_until(function() return got == "six" end))
+      assert.are.equal("IPv6", c.remoteFamily)
+      assert.are.equal("::1", c.remoteAddress)
+      c:destroy()
+      close_server(server)
+    end)
+
+    it("ipv6Only keeps IPv4 clients out of ::", function()
+      if not has_ipv6() then
+        pending("no IPv6 on this system")
+        return
+      end
+      local server = net.createServer()
+      server:listen({ port = 0, host = "::", ipv6Only = true })
+      local port = server:address().port
+      local err
+      local c = net.connect(port, "127.0.0.1")
+      c:on("error", function(e) err = e end)
+      assert.is_true(run_until(function() return err ~= nil end))
+      assert.are.equal("ECONNREFUSED", err.code)
+      close_server(server)
+    end)
+  end)
+
+  describe("seams for the cluster layer", function()
+    it("_setListening and _acceptStream serve connections accepted elsewhere", function()
+      local raw = core.tcp_new()
+      raw:bind("127.0.0.1", 0)
+      local server = net.createServer(function(sock)
+        sock:on("data", function(d) sock:write(d:upper()) end)
+      end)
+      raw:listen(8, function()
+        server:_acceptStream(raw:accept())
+      end)
+      local port = raw:getsockname().port
+      local listened, close_hook = false, false
+      server._onClose = function() close_hook = true end
+      server:on("listening", function() listened = true end)
+      server:_setListening({ address = "127.0.0.1", family = "IPv4", port = port })
+      assert.is_true(server.listening)
+      assert.is_true(run_until(function() return listened end))
+      assert.are.equal(port, server:address().port)
+      local got = ""
+      local c
+      c = net.connect(port, "127.0.0.1", function() c:write("rr") end)
+      c:on("data", function(d) got = got .. d end)
+      assert.is_true(run_until(function() return got == "RR" end))
+      c:destroy()
+      raw:close()
+      close_server(server)
+      assert.is_true(close_hook)
+    end)
+
+    it("_adoptHandle listens on a bound handle", function()
+      local h = core.tcp_new()
+      h:bind("127.0.0.1", 0)
+      local server = net.createServer(function(sock) sock:close("adopted") end)
+      local listened = false
+      server:on("listening", function() listened = true end)
+      assert.is_true(server:_adoptHandle(h))
+      assert.is_true(run_until(function() return listened end))
+      local got = ""
+      local c = net.connect(server:address().port, "127.0.0.1")
+      c:on("data", function(d) got = got .. d end)
+      assert.is_true(run_until(function() return got == "adopted" end))
+      c:destroy()
+      close_server(server)
+    end)
+
+    it("_wrapStream turns a connected handle into a Socket", function()
+      local server, port = echo_server()
+      local h = core.tcp_new()
+      local connected = false
+      h:connect("127.0.0.1", port, function(err) assert.is_nil(err) connected = true end)
+      assert.is_true(run_until(function() return connected end))
+      local sock = net._wrapStream(h)
+      assert.are.equal(port, sock.remotePort)
+      local got = ""
+      sock:on("data", function(d) got = got .. d end)
+      sock:write("wrapped")
+      assert.is_true(run_until(function() return got == "wrapped" end))
+      sock:destroy()
+      close_server(server)
+    end)
+  end)
+end)
