@@ -100,6 +100,27 @@ local function check_env(env)
   return r
 end
 
+-- errno numbers (Linux) of the codes a failed spawn reports
+local ERRNO = { EPERM = 1, ENOENT = 2, EIO = 5, ENOEXEC = 8, EAGAIN = 11, ENOMEM = 12,
+                EACCES = 13, ENOTDIR = 20, EISDIR = 21, EMFILE = 24, ENAMETOOLONG = 36, ELOOP = 40 }
+local ERRNO_NAME = {}
+for name, n in pairs(ERRNO) do ERRNO_NAME[n] = name end
+
+-- nil when the worker script can be read, else an error object saying why not
+local function unreadable_script(path)
+  local f, msg, errno = io.open(path, "r")
+  if f then
+    local ok, rmsg, rerrno = f:read(0)
+    f:close()
+    if ok ~= nil or rmsg == nil then return nil end
+    msg, errno = rmsg, rerrno
+  end
+  local code = ERRNO_NAME[errno] or "EIO"
+  local why = tostring(msg):gsub("^" .. path:gsub("%p", "%%%0") .. ": ", "")
+  return errors.new(code, "spawn", string.format("spawn %s %s (cannot open the worker script: %s)",
+    code, path, why), { path = path, errno = errno and -errno })
+end
+
 --- Installs the master role into the cluster table.
 function M.install(cluster)
   cluster.isMaster, cluster.isPrimary, cluster.isWorker = true, true, false
@@ -248,7 +269,7 @@ function M.install(cluster)
   cluster._sendInternal = impl.sendInternal
 
   function impl.kill(worker, signal)
-    if worker._dead then return end
+    if worker._dead or not worker._proc then return end
     local ok, err = worker._proc:kill(signal or "SIGTERM")
     if not ok and worker._dead == nil then report_error(worker, err) end
   end
@@ -290,6 +311,16 @@ function M.install(cluster)
     return env
   end
 
+  -- A worker that never started: 'error' says why, then 'exit' with the negated errno
+  -- (libuv's convention, as Node reports a failed spawn).
+  local function spawn_failed(worker, err)
+    err.errno = err.errno or -(ERRNO[err.code] or 1)
+    loop.defer(function()
+      report_error(worker, err)
+      on_exit(worker, err.errno, nil)
+    end)
+  end
+
   local function spawn_args(s)
     local args = {}
     for _, a in ipairs(s.execArgv) do args[#args + 1] = tostring(a) end
@@ -315,9 +346,23 @@ function M.install(cluster)
     next_id = next_id + 1
     local process = { pid = nil }
     local worker = Worker.new(id, process, impl)
+    process.kill = function(_, sig)
+      if not worker._proc then return nil, "kill ESRCH: no such process", "ESRCH" end
+      return worker._proc:kill(sig or "SIGTERM")
+    end
     worker.env = env
     cluster.workers[id] = worker
     cluster._all[id] = worker
+
+    -- A worker script that cannot be read would only make the interpreter print why and
+    -- exit 1; say why on the worker's 'error' instead, as for an execPath that is missing.
+    local unreadable = unreadable_script(s.exec)
+    if unreadable then
+      worker._connected = false
+      loop.defer(cluster.emit, cluster, "fork", worker)
+      spawn_failed(worker, unreadable)
+      return worker
+    end
 
     local proc, channel_or_err, code = core.spawn {
       file = s.execPath,
@@ -335,18 +380,15 @@ function M.install(cluster)
     loop.defer(cluster.emit, cluster, "fork", worker)
     if not proc then
       worker._connected = false
-      local err = errors.new(code, "spawn", string.format("spawn %s %s (execPath %s)", code, channel_or_err, s.execPath))
-      loop.defer(function()
-        report_error(worker, err)
-        on_exit(worker, -2, nil)
-      end)
+      local why = tostring(channel_or_err):gsub("^spawn %u+: ", "")
+      spawn_failed(worker, errors.new(code, "spawn",
+        string.format("spawn %s %s (%s)", code, s.execPath, why), { path = s.execPath }))
       return worker
     end
     worker._proc = proc
     worker._channel = channel_or_err
     worker._connected = true
     process.pid = proc:pid()
-    process.kill = function(_, sig) return proc:kill(sig or "SIGTERM") end
     channel_or_err:start(function(is_internal, msg, handle)
       on_message(worker, is_internal, msg, handle)
     end, function(reason)

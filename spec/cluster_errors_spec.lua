@@ -1,0 +1,180 @@
+-- Bad input and broken workers: misuse raises an error naming the function and the
+-- argument; a worker that cannot start or that breaks the channel gives an 'error' on
+-- that worker and the master goes on.
+local cluster = require "cluster"
+local H = require "helper"
+
+-- The message of the error fn(...) raises (fails the spec when it does not raise).
+local function raised(fn, ...)
+  local ok, err = pcall(fn, ...)
+  assert(not ok, "expected an error")
+  return tostring(err)
+end
+
+local function has(s, ...)
+  for _, needle in ipairs { ... } do
+    assert(s:find(needle, 1, true), string.format("%q not found in error %q", needle, s))
+  end
+end
+
+describe("cluster errors", function()
+  before_each(function()
+    H.setup()
+    cluster.setupMaster { exec = H.fixture("worker.lua"), execPath = require("cluster.core").exepath() }
+  end)
+  after_each(H.teardown)
+
+  it("raises when a worker calls fork(), saying only the master forks", function()
+    local w = cluster.fork()
+    local reply
+    w:on("message", function(m) reply = m; w:kill() end)
+    w:send({ cmd = "fork" })
+    assert.is_true(H.wait_until(function() return reply ~= nil end, 5000))
+    assert.is_false(reply.ok)
+    has(reply.err, "fork", "worker")
+    H.finish()
+  end)
+
+  it("fork(env) with a wrong type raises naming fork and env", function()
+    has(raised(cluster.fork, 42), "fork", "env", "number")
+    has(raised(cluster.fork, "FOO=bar"), "fork", "env", "string")
+    has(raised(cluster.fork, { "positional" }), "fork", "env", "keys")
+    has(raised(cluster.fork, { FOO = print }), "fork", "env.FOO", "function")
+    has(raised(cluster.fork, { FOO = {} }), "fork", "env.FOO", "table")
+    assert.is_nil(next(cluster.workers))
+    H.finish()
+  end)
+
+  it("setupMaster with a wrong type raises naming setupMaster and the setting", function()
+    has(raised(cluster.setupMaster, { exec = 1 }), "setupMaster", "exec", "string", "number")
+    has(raised(cluster.setupMaster, 5), "setupMaster", "settings", "table")
+    has(raised(cluster.setupMaster, { args = "a b" }), "setupMaster", "args", "table")
+    has(raised(cluster.setupMaster, { args = { {} } }), "setupMaster", "args", "item 1")
+    has(raised(cluster.setupMaster, { silent = "yes" }), "setupMaster", "silent", "boolean")
+    has(raised(cluster.setupMaster, { uid = 1.5 }), "setupMaster", "uid", "integer")
+    has(raised(cluster.setupPrimary, { cwd = false }), "setupMaster", "cwd")
+    -- a rejected call changes nothing
+    assert.equal(H.fixture("worker.lua"), cluster.settings.exec)
+    H.finish()
+  end)
+
+  it("worker:send(function) raises at the call, naming the function and the argument `message`", function()
+    local w = cluster.fork()
+    has(raised(w.send, w, function() end), "send", "message", "function")
+    has(raised(w.send, w, coroutine.create(print)), "send", "message", "thread")
+    w:kill()
+    H.finish()
+  end)
+
+  it("worker:send of a table holding what cannot travel raises at the call, naming the path", function()
+    local w = cluster.fork()
+    has(raised(w.send, w, { f = print }), "send", "message.f", "function")
+    has(raised(w.send, w, { list = { 1, 2, { co = coroutine.create(print) } } }), "message.list[3].co", "thread")
+    has(raised(w.send, w, { out = io.stdout }), "message.out", "userdata")
+    local cycle = { name = "loop" }
+    cycle.self = cycle
+    has(raised(w.send, w, cycle), "message.self", "cycle")
+    local deep = { a = {} }
+    deep.a.back = deep
+    has(raised(w.send, w, deep), "message.a.back", "cycle")
+    has(raised(w.send, w, "x", nil, 42), "send", "callback")
+    -- the channel still works after the refused sends
+    local echoed
+    w:on("message", function(m) echoed = m; w:kill() end)
+    w:send("still fine")
+    assert.is_true(H.wait_until(function() return echoed ~= nil end, 5000))
+    assert.equal("still fine", echoed)
+    H.finish()
+  end)
+
+  it("worker:kill, cluster.disconnect and event methods raise on wrong argument types", function()
+    local w = cluster.fork()
+    has(raised(w.kill, w, "SIGNOPE"), "kill", "signal")
+    has(raised(w.kill, w, {}), "kill", "signal")
+    has(raised(cluster.disconnect, 5), "disconnect", "callback")
+    has(raised(cluster.on, 1, print), "on", "event name")
+    has(raised(cluster.on, "exit", "nope"), "on", "listener")
+    has(raised(w.on, w, "exit", 1), "on", "listener")
+    w:kill()
+    H.finish()
+  end)
+
+  it("a worker script that does not exist gives an 'error' that says why and an 'exit', and the master goes on", function()
+    local good = cluster.fork()
+    cluster.setupMaster({ exec = "/nonexistent/worker.lua" })
+    local bad = cluster.fork()
+    cluster.setupMaster({ exec = H.fixture("worker.lua") })
+    local err, code
+    bad:on("error", H.expect(function(e) err = e end))
+    bad:on("exit", H.expect(function(c) code = c end))
+    bad:on("online", H.expect(nil, 0))
+    cluster.on("fork", H.expect(nil, 2))
+    assert.is_true(H.wait_until(function() return code ~= nil end, 5000))
+    assert.equal("ENOENT", err.code)
+    has(tostring(err), "/nonexistent/worker.lua", "No such file")
+    assert.is_true(code ~= 0)
+    assert.is_true(bad:isDead())
+    assert.is_nil(cluster.workers[bad.id])
+    -- the other worker is fine
+    local echoed
+    good:on("message", function(m) echoed = m; good:kill() end)
+    good:send("hello")
+    assert.is_true(H.wait_until(function() return echoed ~= nil end, 5000))
+    assert.equal("hello", echoed)
+    H.finish()
+  end)
+
+  it("an execPath that does not exist gives 'error' ENOENT and 'exit', and kill/send on that worker do not raise", function()
+    cluster.setupMaster({ execPath = "/nonexistent/lua5.4" })
+    local w = cluster.fork()
+    cluster.setupMaster({ execPath = require("cluster.core").exepath() })
+    local err, exited, send_err
+    w:on("error", H.expect(function(e) err = e end))
+    w:on("exit", H.expect(function(c, s) exited = { c, s } end))
+    assert.is_nil(w.process.pid)
+    w:kill()
+    w:kill("SIGKILL")
+    w.process:kill()
+    w:send("lost", function(e) send_err = e end)
+    assert.is_true(H.wait_until(function() return exited ~= nil and send_err ~= nil end, 5000))
+    assert.equal("ENOENT", err.code)
+    assert.equal("spawn", err.syscall)
+    has(tostring(err), "/nonexistent/lua5.4")
+    assert.equal("number", type(exited[1]))
+    assert.is_nil(exited[2])
+    assert.is_true(w:isDead())
+    assert.is_false(w:isConnected())
+    assert.is_not_nil(send_err)
+    H.finish()
+  end)
+
+  it("a worker that writes garbage to the channel gets an 'error' on it; the master goes on with the others", function()
+    local good = cluster.fork()
+    local bad = cluster.fork({ FIXTURE_MODE = "garbage" })
+    local err
+    bad:on("error", H.expect(function(e) err = e end))
+    bad:on("disconnect", H.expect())
+    assert.is_true(H.wait_until(function() return err ~= nil end, 5000))
+    assert.is_false(bad:isConnected())
+    has(tostring(err), "malformed")
+    -- the master still talks to the healthy worker
+    local echoed
+    good:on("message", function(m) echoed = m end)
+    good:send({ still = "here" })
+    assert.is_true(H.wait_until(function() return echoed ~= nil end, 5000))
+    assert.same({ still = "here" }, echoed)
+    good:kill()
+    bad:kill()
+    H.finish()
+  end)
+
+  it("sending to a worker that is gone returns false and passes an error to the callback", function()
+    local w = cluster.fork({ FIXTURE_MODE = "exit" })
+    assert.is_true(H.wait_until(function() return w:isDead() and not w:isConnected() end, 5000))
+    local cb_err
+    assert.is_false(w:send("late", function(e) cb_err = e end))
+    assert.is_true(H.wait_until(function() return cb_err ~= nil end, 2000))
+    assert.equal("ERR_IPC_CHANNEL_CLOSED", cb_err.code)
+    H.finish()
+  end)
+end)
