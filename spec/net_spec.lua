@@ -2,13 +2,17 @@
 local core = require "cluster.core"
 local net = require "cluster.net"
 
--- Runs the loop until cond() holds or `ms` pass; returns cond().
+-- Runs the loop until cond() holds or `ms` pass; returns cond(). Re-raises an error
+-- raised in a callback (after closing its guard timer).
 local function run_until(cond, ms)
   local timed_out = false
   local guard = core.timer()
   guard:start(ms or 5000, 0, function() timed_out = true end)
-  while not cond() and not timed_out do core.run_once() end
+  local ok, err = pcall(function()
+    while not cond() and not timed_out do core.run_once() end
+  end)
   guard:close()
+  if not ok then error(err, 0) end
   return cond() and true or false
 end
 
