@@ -56,7 +56,7 @@ function H.expect(fn, count, name)
   return function(...)
     e.calls = e.calls + 1
     if fn then return fn(...) end
-  end, e
+  end
 end
 
 local function check_expectations()
