@@ -8,6 +8,7 @@
  * "localhost" (127.0.0.1) only, so that binding never waits on the resolver. */
 #include "stream.h"
 
+#include <signal.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -527,6 +528,11 @@ static int l_error_object(lua_State *L) {
 }
 
 void cl_open_stream(lua_State *L) {
+  /* A write to a socket or pipe whose peer is gone must fail with EPIPE, not kill the
+   * process (Node does the same at startup). Only the default action is replaced; libuv
+   * resets dispositions in the children it spawns. */
+  struct sigaction sa;
+  if (sigaction(SIGPIPE, NULL, &sa) == 0 && sa.sa_handler == SIG_DFL) signal(SIGPIPE, SIG_IGN);
   static const luaL_Reg methods[] = {
     {"bind", s_bind}, {"listen", s_listen}, {"accept", s_accept}, {"connect", s_connect},
     {"read_start", s_read_start}, {"read_stop", s_read_stop}, {"write", s_write},

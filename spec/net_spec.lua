@@ -322,13 +322,48 @@ describe("cluster.net", function()
       assert.is_true(closed)
     end)
 
-    it("resolves a host name", function()
+    it("resolves a host name through the resolver", function()
       local server, port = echo_server()
       local connected = false
       local c
-      c = net.connect(port, "localhost", function() connected = true end)
+      -- "127.1" is not a numeric address for inet_pton, but getaddrinfo knows it
+      c = net.connect(port, "127.1", function() connected = true end)
       assert.is_true(run_until(function() return connected end))
+      assert.are.equal("127.0.0.1", c.remoteAddress)
       c:destroy()
+      close_server(server)
+    end)
+
+    it("reports an unknown host as ENOTFOUND", function()
+      local err
+      local c = net.connect(80, "no-such-host.invalid")
+      c:on("error", function(e) err = e end)
+      assert.is_true(run_until(function() return err ~= nil end, 10000))
+      assert.is_true(err.code == "ENOTFOUND" or err.code == "EAI_AGAIN", err.code)
+      assert.are.equal("getaddrinfo", err.syscall)
+      assert.are.equal("no-such-host.invalid", err.hostname or err.address)
+      assert.is_true(run_until(function() return c.destroyed end))
+    end)
+
+    it("fails a write to a vanished peer with an error instead of SIGPIPE", function()
+      local server = net.createServer(function(sock) sock:destroy() end)
+      server:listen(0, "127.0.0.1")
+      local err, closed = nil, false
+      local c = net.connect({ port = server:address().port, host = "127.0.0.1", allowHalfOpen = true })
+      c:on("data", function() end)
+      c:on("error", function(e) err = e end)
+      c:on("close", function() closed = true end)
+      local t = core.timer()
+      c:on("end", function()
+        t:start(0, 10, function()
+          if c.destroyed then t:stop() return end
+          c:write(string.rep("x", 65536))
+        end)
+      end)
+      assert.is_true(run_until(function() return closed end))
+      t:close()
+      assert.is_true(err.code == "EPIPE" or err.code == "ECONNRESET", err.code)
+      assert.are.equal("write", err.syscall)
       close_server(server)
     end)
 

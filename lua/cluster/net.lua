@@ -376,7 +376,15 @@ end
 -- connect callback
 function Socket:_connected(err)
   if self.destroyed then return end
-  if err then return self:destroy(err) end
+  if err then
+    if err.syscall == "getaddrinfo" and (err.code == "EAI_NONAME" or err.code == "EAI_NODATA") then
+      -- Node's name for "no such host"
+      err.code = "ENOTFOUND"
+      err.hostname = err.address
+      err.message = "getaddrinfo ENOTFOUND " .. tostring(err.address)
+    end
+    return self:destroy(err)
+  end
   self.connecting = false
   set_addresses(self)
   local pending = self._pending
