@@ -1,0 +1,219 @@
+-- The event loop and timers: run, poll, stop, setTimeout/setInterval/clearTimeout and
+-- their argument errors, errors raised in callbacks.
+local cluster = require "cluster"
+local core = require "cluster.core"
+local H = require "helper"
+
+local function raised(fn, ...)
+  local ok, err = pcall(fn, ...)
+  assert(not ok, "expected an error")
+  return tostring(err)
+end
+
+local function has(s, ...)
+  for _, needle in ipairs { ... } do
+    assert(s:find(needle, 1, true), string.format("%q not found in error %q", needle, s))
+  end
+end
+
+-- Runs cluster.run() with an unref'd guard that stops it after ms; returns what run
+-- returned and whether the guard had to stop it.
+local function run_guarded(ms)
+  local guard_fired = false
+  local guard = cluster.setTimeout(function()
+    guard_fired = true
+    cluster.stop()
+  end, ms or 3000):unref()
+  local stopped = cluster.run()
+  cluster.clearTimeout(guard)
+  return stopped, guard_fired
+end
+
+describe("cluster loop and timers", function()
+  before_each(function()
+    H.setup()
+    cluster.setupMaster { exec = H.fixture("worker.lua") }
+  end)
+  after_each(H.teardown)
+
+  it("setTimeout runs fn once, later, with its extra arguments (nil included)", function()
+    local calls = {}
+    cluster.setTimeout(H.expect(function(...) calls[#calls + 1] = table.pack(...) end), 5, "a", nil, 3)
+    assert.equal(0, #calls)
+    assert.is_true(H.wait_until(function() return #calls == 1 end, 2000))
+    H.run_for(30)
+    assert.equal(1, #calls)
+    assert.equal(3, calls[1].n)
+    assert.equal("a", calls[1][1])
+    assert.is_nil(calls[1][2])
+    assert.equal(3, calls[1][3])
+    H.finish()
+  end)
+
+  it("setTimeout with no delay or 0 still runs later, never inside the call; timers fire by delay, then in creation order", function()
+    local order = {}
+    cluster.setTimeout(function() order[#order + 1] = "30ms" end, 30)
+    cluster.setTimeout(function() order[#order + 1] = "0-a" end, 0)
+    cluster.setTimeout(function() order[#order + 1] = "nil" end)
+    cluster.setTimeout(function() order[#order + 1] = "0-b" end, 0)
+    cluster.setTimeout(function() order[#order + 1] = "10ms" end, 10)
+    assert.equal(0, #order)
+    assert.is_true(H.wait_until(function() return #order == 5 end, 2000))
+    assert.same({ "0-a", "nil", "0-b", "10ms", "30ms" }, order)
+    H.finish()
+  end)
+
+  it("setInterval repeats until clearInterval, which also works from inside the callback", function()
+    local n = 0
+    local t
+    t = cluster.setInterval(function(step)
+      n = n + step
+      if n == 3 then cluster.clearInterval(t) end
+    end, 5, 1)
+    assert.is_true(H.wait_until(function() return n == 3 end, 2000))
+    H.run_for(40)
+    assert.equal(3, n)
+    H.finish()
+  end)
+
+  it("clearTimeout cancels a pending timer; clearing nil, a fired or an already cleared timer does nothing", function()
+    local fired = false
+    local t = cluster.setTimeout(function() fired = true end, 10)
+    cluster.clearTimeout(t)
+    cluster.clearTimeout(t)
+    cluster.clearTimeout(nil)
+    H.run_for(40)
+    assert.is_false(fired)
+    local done = cluster.setTimeout(H.expect(), 0)
+    H.run_for(20)
+    cluster.clearTimeout(done)
+    cluster.clearInterval(done)
+    H.finish()
+  end)
+
+  it("setTimeout, setInterval and clearTimeout raise on bad arguments, naming the function and argument", function()
+    local f = function() end
+    has(raised(cluster.setTimeout, "x", 10), "setTimeout", "callback", "string")
+    has(raised(cluster.setTimeout, nil, 10), "setTimeout", "callback")
+    has(raised(cluster.setTimeout, f, -1), "setTimeout", "delay")
+    has(raised(cluster.setTimeout, f, "10"), "setTimeout", "delay")
+    has(raised(cluster.setTimeout, f, 0 / 0), "setTimeout", "delay")
+    has(raised(cluster.setInterval, 42, 10), "setInterval", "callback", "number")
+    has(raised(cluster.setInterval, f, -5), "setInterval", "delay")
+    has(raised(cluster.setInterval, f, {}), "setInterval", "delay")
+    has(raised(cluster.clearTimeout, {}), "clearTimeout", "timer")
+    has(raised(cluster.clearTimeout, 42), "clearTimeout", "timer")
+    has(raised(cluster.clearInterval, "t"), "timer")
+    H.finish()
+  end)
+
+  it("cluster.defer runs functions on a later turn, in order, with their arguments", function()
+    local order = {}
+    cluster.defer(function(x) order[#order + 1] = x end, 1)
+    cluster.defer(function(x, y) order[#order + 1] = x + y end, 1, 1)
+    assert.equal(0, #order)
+    assert.is_true(H.wait_until(function() return #order == 2 end, 2000))
+    assert.same({ 1, 2 }, order)
+    H.finish()
+  end)
+
+  it("cluster.poll() makes progress without blocking: it returns while a long timer is pending, and polling alone brings a worker online", function()
+    local late = false
+    local t = cluster.setTimeout(function() late = true end, 3000)
+    local remaining = cluster.poll()
+    assert.is_true(remaining)
+    assert.is_false(late)
+
+    local w = cluster.fork()
+    local online = false
+    w:on("online", function() online = true end)
+    local deadline = core.hrtime() + 5
+    while not online and core.hrtime() < deadline do
+      cluster.poll()
+    end
+    assert.is_true(online)
+    assert.is_false(late)
+    cluster.clearTimeout(t)
+    w:kill()
+    H.finish()
+  end)
+
+  it("cluster.run() returns once nothing is left to do, false when not stopped", function()
+    local fired = 0
+    cluster.setTimeout(function() fired = fired + 1 end, 5)
+    cluster.setTimeout(function() fired = fired + 1 end, 15)
+    local stopped, guard = run_guarded(3000)
+    assert.is_false(guard)
+    assert.is_false(stopped)
+    assert.equal(2, fired)
+    H.finish()
+  end)
+
+  it("cluster.run() waits for workers and returns after the last one is gone", function()
+    local w = cluster.fork()
+    w:on("online", function() w:send({ cmd = "exit", code = 5 }) end)
+    local code
+    w:on("exit", function(c) code = c end)
+    local _, guard = run_guarded(5000)
+    assert.is_false(guard)
+    assert.equal(5, code)
+    H.finish()
+  end)
+
+  it("cluster.stop() makes run() return true while work remains", function()
+    local ticks = 0
+    local t = cluster.setInterval(function()
+      ticks = ticks + 1
+      if ticks == 3 then cluster.stop() end
+    end, 2)
+    local stopped, guard = run_guarded(3000)
+    cluster.clearInterval(t)
+    assert.is_true(stopped)
+    assert.is_false(guard)
+    assert.equal(3, ticks)
+    H.finish()
+  end)
+
+  it("an error raised in a callback stops run() and is re-raised there with a traceback; the loop runs again afterwards", function()
+    local function callback_that_fails()
+      error("boom from a callback")
+    end
+    cluster.setTimeout(function() callback_that_fails() end, 0)
+    local after = false
+    cluster.setTimeout(function() after = true end, 20)
+    local ok, err = pcall(cluster.run)
+    assert.is_false(ok)
+    err = tostring(err)
+    has(err, "boom from a callback", "stack traceback", "callback_that_fails")
+    assert.is_false(after)
+    -- nothing is lost: the next run goes on with the other timer
+    assert.is_true(H.wait_until(function() return after end, 2000))
+    H.finish()
+  end)
+
+  it("an error raised in a callback during poll() is re-raised by poll()", function()
+    cluster.setTimeout(function() error("boom in poll") end, 0)
+    local ok, err
+    local deadline = core.hrtime() + 2
+    repeat
+      ok, err = pcall(cluster.poll)
+    until not ok or core.hrtime() > deadline
+    assert.is_false(ok)
+    has(tostring(err), "boom in poll", "stack traceback")
+    H.finish()
+  end)
+
+  it("an error raised in a worker event listener reaches the caller of the loop too", function()
+    local w = cluster.fork()
+    w:on("online", function() error("listener failed") end)
+    local ok, err
+    local deadline = core.hrtime() + 5
+    repeat
+      ok, err = pcall(core.run_once)
+    until not ok or core.hrtime() > deadline
+    assert.is_false(ok)
+    has(tostring(err), "listener failed")
+    w:kill()
+    H.finish()
+  end)
+end)
