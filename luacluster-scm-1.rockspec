@@ -38,5 +38,9 @@ build = {
     ["cluster.net"] = "lua/cluster/net.lua",
     ["cluster.dgram"] = "lua/cluster/dgram.lua",
     ["cluster.sharing"] = "lua/cluster/sharing.lua",
+    ["cluster.signals"] = "lua/cluster/signals.lua",
+    ["cluster.output"] = "lua/cluster/output.lua",
+    ["cluster.stats"] = "lua/cluster/stats.lua",
+    ["cluster.supervise"] = "lua/cluster/supervise.lua",
   },
 }

@@ -38,7 +38,14 @@ struct cl_channel {
   int in_flush_list;
   int closed_reported;
   int reading;
+  uint64_t last_beat;     /* loop time (ms) of the last heartbeat received */
+  uint64_t beats;
 };
+
+/* The worker's heartbeat timer: one channel to the master per process. */
+static uv_timer_t beat_timer;
+static int beat_timer_ready = 0;
+static cl_channel *beat_channel = NULL;
 
 typedef struct write_req {
   uv_write_t req;
@@ -401,7 +408,7 @@ static void parse_frames(cl_channel *ch) {
     const char *p = ch->in.data + ch->in_pos;
     uint32_t len = get_le32(p);
     int flags = (unsigned char)p[4];
-    if (len > CL_MAX_MESSAGE || (flags & ~(CL_FRAME_INTERNAL | CL_FRAME_HANDLE | CL_FRAME_CONN))) {
+    if (len > CL_MAX_MESSAGE || (flags & ~(CL_FRAME_INTERNAL | CL_FRAME_HANDLE | CL_FRAME_CONN | CL_FRAME_BEAT))) {
       fail_channel(ch, len > CL_MAX_MESSAGE ? "received a message over the size limit" : "received a malformed frame header");
       return;
     }
@@ -411,6 +418,11 @@ static void parse_frames(cl_channel *ch) {
       break;
     }
     ch->in_pos += CL_FRAME_HEADER + len;
+    if (flags & CL_FRAME_BEAT) {
+      ch->last_beat = uv_now(cl_loop());
+      ch->beats++;
+      continue;
+    }
     if (flags & CL_FRAME_CONN) {
       if (!handle_conn_frame(ch, flags, p + CL_FRAME_HEADER, len)) return;
       continue;
@@ -490,6 +502,43 @@ static int ch_start(lua_State *L) {
   return 1;
 }
 
+static void on_beat(uv_timer_t *t) {
+  (void)t;
+  cl_channel *ch = beat_channel;
+  if (ch == NULL || cl_handle_is_closing(&ch->h)) return;
+  if (cl_buf_reserve(&ch->out, CL_FRAME_HEADER) != 0) return;
+  char *p = ch->out.data + ch->out.len;
+  put_le32(p, 0);
+  p[4] = (char)CL_FRAME_BEAT;
+  ch->out.len += CL_FRAME_HEADER;
+  schedule_flush(ch);
+}
+
+/* ch:heartbeat(interval_ms): the worker beats every interval from its loop (0 stops).
+ * The timer does not keep the worker alive. */
+static int ch_heartbeat(lua_State *L) {
+  cl_channel *ch = check_channel(L, 1);
+  lua_Integer ms = luaL_checkinteger(L, 2);
+  if (!beat_timer_ready) {
+    uv_timer_init(cl_loop(), &beat_timer);
+    uv_unref((uv_handle_t *)&beat_timer);
+    beat_timer_ready = 1;
+  }
+  uv_timer_stop(&beat_timer);
+  beat_channel = ms > 0 ? ch : NULL;
+  if (ms > 0) uv_timer_start(&beat_timer, on_beat, 0, (uint64_t)ms);
+  return 0;
+}
+
+/* ch:last_beat() -> loop time in ms of the last heartbeat (0: none yet), beats so far */
+static int ch_last_beat(lua_State *L) {
+  cl_handle **box = luaL_checkudata(L, 1, TNAME);
+  cl_channel *ch = (cl_channel *)*box;
+  lua_pushinteger(L, ch ? (lua_Integer)ch->last_beat : 0);
+  lua_pushinteger(L, ch ? (lua_Integer)ch->beats : 0);
+  return 2;
+}
+
 /* ch:on_connection(fn(rr_id, seq, handle)): the worker's receiver of handed connections. */
 static int ch_on_connection(lua_State *L) {
   cl_channel *ch = check_channel(L, 1);
@@ -517,6 +566,10 @@ static int ch_pending(lua_State *L) {
 static void channel_free(cl_handle *h) {
   cl_channel *ch = (cl_channel *)h;
   lua_State *L = h->L;
+  if (beat_channel == ch) {
+    uv_timer_stop(&beat_timer);
+    beat_channel = NULL;
+  }
   unlink_flush(ch);
   cl_buf_free(&ch->in);
   cl_buf_free(&ch->out);
@@ -566,7 +619,8 @@ void cl_open_channel(lua_State *L) {
   static const luaL_Reg methods[] = {
     {"start", ch_start}, {"send", ch_send}, {"flush_sync", ch_flush_sync},
     {"close", ch_close}, {"pending", ch_pending}, {"answer", ch_answer},
-    {"on_connection", ch_on_connection},
+    {"on_connection", ch_on_connection}, {"heartbeat", ch_heartbeat},
+    {"last_beat", ch_last_beat},
     {"ref", cl_handle_ref_method}, {"unref", cl_handle_unref_method},
     {"fileno", cl_handle_fileno_method}, {NULL, NULL}};
   cl_handle_register(L, TNAME, methods);

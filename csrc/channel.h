@@ -11,6 +11,9 @@
  * connection (payload: u32 rr id, u32 seq); worker -> master answers it (payload:
  * u32 rr id, u32 seq, u8 accepted). No Lua runs for these frames in the master. */
 #define CL_FRAME_CONN 0x04
+/* The worker's heartbeat (empty payload), sent by a C timer in the worker's loop and
+ * noted in C by the master: a worker whose loop is stuck stops sending it. */
+#define CL_FRAME_BEAT 0x08
 
 typedef struct cl_channel cl_channel;
 

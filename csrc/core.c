@@ -2,7 +2,12 @@
  * its functions here through its cl_open_* function. */
 #include "util.h"
 
+#include <signal.h>
+
 int luaopen_cluster_core(lua_State *L) {
+  /* A write to a connection the peer has reset must fail with EPIPE, not kill the
+   * process (Node does the same). */
+  signal(SIGPIPE, SIG_IGN);
   lua_newtable(L);
   cl_open_loop(L);
   cl_open_timer(L);

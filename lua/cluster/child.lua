@@ -153,6 +153,18 @@ function M.install(cluster, id)
 
   require("cluster.sharing").installWorker(cluster)
 
+  -- the supervisor's watchdog: the worker's loop beats from a C timer
+  local beat_ms = math.tointeger(tonumber(os.getenv("LUACLUSTER_HEARTBEAT_MS") or ""))
+  core.setenv("LUACLUSTER_HEARTBEAT_MS", nil)
+  if beat_ms and beat_ms > 0 then channel:heartbeat(beat_ms) end
+
+  --- Tells the master this worker is ready (for supervisors configured with
+  -- readiness = "explicit"; workers that warm up before they can serve).
+  function worker:ready()
+    send_internal({ act = "ready" })
+    return self
+  end
+
   send_internal({ act = "online" })
   channel:flush_sync(1000)
 end

@@ -198,6 +198,7 @@ function M.install(cluster)
     worker:emit("death", worker)
     cluster:emit("exit", worker, code, signal)
     cluster:emit("death", worker)
+    if cluster._onSupervisedExit then cluster._onSupervisedExit(worker, code, signal) end
   end
 
   local function on_disconnect(worker, reason)
@@ -232,6 +233,10 @@ function M.install(cluster)
     local address = { address = msg.address, port = msg.port, addressType = msg.addressType }
     worker:emit("listening", address)
     cluster:emit("listening", worker, address)
+  end
+
+  function internal.ready(worker)
+    if cluster._markReady then cluster._markReady(worker) end
   end
 
   function internal.exitedAfterDisconnect(worker)
@@ -346,6 +351,7 @@ function M.install(cluster)
     next_id = next_id + 1
     local process = { pid = nil }
     local worker = Worker.new(id, process, impl)
+    worker._forkedHr = core.hrtime()
     process.kill = function(_, sig)
       if not worker._proc then return nil, "kill ESRCH: no such process", "ESRCH" end
       return worker._proc:kill(sig or "SIGTERM")
@@ -410,6 +416,10 @@ function M.install(cluster)
   end
 
   require("cluster.sharing").installMaster(cluster)
+  require("cluster.signals").install(cluster)
+  require("cluster.output").install(cluster)
+  require("cluster.stats").install(cluster)
+  require("cluster.supervise").install(cluster)
 
   --- Forks one worker per processor (the v0.6 API). @treturn table the workers forked
   function cluster.autoFork()
