@@ -30,6 +30,9 @@ local listener_snapshot = nil
 function H.wait_until(cond, timeout_ms, tick_ms)
   if cond() then return true end
   local expired = false
+  -- the loop's clock is cached: after a long computation it lags, and a guard started
+  -- from it would expire at once
+  core.update_time()
   local guard = core.timer()
   guard:start(timeout_ms or 5000, 0, function() expired = true end)
   local tick = core.timer()
