@@ -152,6 +152,7 @@ function M.install(cluster, id)
   cluster.autoFork = cluster.fork
 
   require("cluster.sharing").installWorker(cluster)
+  require("cluster.signals").install(cluster)   -- cluster.on("SIGTERM", fn) in a worker too
 
   -- the supervisor's watchdog: the worker's loop beats from a C timer
   local beat_ms = math.tointeger(tonumber(os.getenv("LUACLUSTER_HEARTBEAT_MS") or ""))
