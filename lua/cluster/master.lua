@@ -12,6 +12,10 @@ local type, pairs, ipairs, tostring, error = type, pairs, ipairs, tostring, erro
 --- The environment variable that marks a worker and carries its id.
 M.WORKER_ENV = "LUACLUSTER_WORKER_ID"
 
+--- How long the master keeps reading a dead worker's channel before it stops waiting
+-- for the end of file (a process the worker started may hold the channel open).
+M.EXIT_DRAIN_MS = 100
+
 local SETTING_TYPES = {
   exec = "string", args = "table", execArgv = "table", execPath = "string",
   silent = "boolean", cwd = "string", uid = "integer", gid = "integer",
@@ -186,11 +190,23 @@ function M.install(cluster)
     end
   end
 
+  local on_disconnect
+
   local function on_exit(worker, code, signal)
     worker._dead = true
     if not worker._connected then
       remove_worker(worker)
       cluster._all[worker.id] = nil
+    else
+      -- The process is gone but its channel is open: a process it started may hold the
+      -- channel's descriptor. Read what the worker wrote before it died, then stop
+      -- waiting for an end of file that only that other process's exit would bring.
+      loop.setTimeout(function()
+        if worker._connected and worker._channel then
+          worker._channel:close()
+          on_disconnect(worker, nil)
+        end
+      end, M.EXIT_DRAIN_MS)
     end
     worker.exitedAfterDisconnect = worker.exitedAfterDisconnect == true
     worker.state = "dead"
@@ -201,7 +217,7 @@ function M.install(cluster)
     if cluster._onSupervisedExit then cluster._onSupervisedExit(worker, code, signal) end
   end
 
-  local function on_disconnect(worker, reason)
+  function on_disconnect(worker, reason)
     if not worker._connected then return end
     worker._connected = false
     if reason then
