@@ -43,6 +43,18 @@ describe("cluster lifecycle", function()
     H.finish()
   end)
 
+  it("gives a worker forked from an 'exit' listener (a respawn) a new id", function()
+    local first = cluster.fork({ FIXTURE_MODE = "exit" })
+    local second
+    first:on("exit", function() second = cluster.fork() end)
+    assert.is_true(H.wait_until(function() return second ~= nil end, 5000))
+    assert.equal(first.id + 1, second.id)
+    assert.equal(second, cluster.workers[second.id])
+    assert.is_true(H.wait_until(function() return cluster.workers[first.id] == nil end, 5000))
+    second:kill()
+    H.finish()
+  end)
+
   it("emits fork < online < {disconnect, exit} for each worker, on the worker and on cluster", function()
     local seen = {}
     local function record(name) return function(w) seen[#seen + 1] = name end end

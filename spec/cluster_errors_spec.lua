@@ -78,6 +78,9 @@ describe("cluster errors", function()
     deep.a.back = deep
     has(raised(w.send, w, deep), "message.a.back", "cycle")
     has(raised(w.send, w, "x", nil, 42), "send", "callback")
+    has(raised(w.send, w, "x", "not a handle"), "send", "handle")
+    has(raised(w.send, w, "x", {}, function() end), "send", "handle")
+    has(raised(w.send, w, "x", io.stdout), "send", "handle")
     -- the channel still works after the refused sends
     local echoed
     w:on("message", function(m) echoed = m; w:kill() end)

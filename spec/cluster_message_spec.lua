@@ -234,6 +234,21 @@ describe("cluster messages", function()
     H.finish()
   end)
 
+  it("delivers everything a worker sent when its script ends without running the loop", function()
+    w:kill()
+    local v = cluster.fork({ FIXTURE_MODE = "send_and_end" })
+    local got, code = {}, nil
+    v:on("message", function(m) got[#got + 1] = m end)
+    v:on("exit", function(c) code = c end)
+    assert.is_true(H.wait_until(function() return code ~= nil and not v:isConnected() end, 5000))
+    assert.equal(0, code)
+    assert.equal(1002, #got)
+    for i = 1, 1000 do assert.equal(i, got[i]) end
+    assert.equal(1024 * 1024, #got[1001])
+    assert.equal("last", got[1002])
+    H.finish()
+  end)
+
   it("worker:send returns true while connected", function()
     assert.is_true(w:send("x"))
     w:kill()
