@@ -226,6 +226,19 @@ function M.install(cluster)
     return info
   end
 
+  -- Holding (a crash loop's "hold" verdict): no restarts, but the master stays up with
+  -- no worker left, so a ref'd timer keeps the loop alive until scale/reload/shutdown.
+  local function set_held(held)
+    if not sup then return end
+    sup.held = held
+    if held and not sup.holdTimer then
+      sup.holdTimer = loop.setInterval(function() end, 3600 * 1000)
+    elseif not held and sup.holdTimer then
+      loop.clearInterval(sup.holdTimer)
+      sup.holdTimer = nil
+    end
+  end
+
   local function respawn_later(replaced, delay)
     sup.pendingRespawns = sup.pendingRespawns + 1
     local t = loop.setTimeout(function()
@@ -254,7 +267,7 @@ function M.install(cluster)
     local info = crash_loop_verdict()
     if info then
       if info.verdict == "hold" then
-        sup.held = true
+        set_held(true)
         io.stderr:write(string.format(
           "cluster: crash loop (%d restarts in %ds): holding, no more restarts; the master stays up (cluster.scale(n) or cluster.reload() resumes)\n",
           info.restarts, info.period))
@@ -393,7 +406,7 @@ function M.install(cluster)
       error("scale: bad argument #1 (n): expected an integer >= 0, got " .. tostring(n), 2)
     end
     if not sup then error("scale: call cluster.supervise{...} first", 2) end
-    sup.held = false
+    set_held(false)
     sup.opts.workers = n
     local live = live_supervised()
     local have = #live + sup.pendingRespawns
@@ -416,6 +429,7 @@ function M.install(cluster)
     end
     if sup then
       sup.running = false
+      set_held(false)
       for t in pairs(sup.respawnTimers) do loop.clearTimeout(t) end
       sup.respawnTimers = {}
       if sup.checkTimer then loop.clearInterval(sup.checkTimer) sup.checkTimer = nil end
@@ -451,7 +465,7 @@ function M.install(cluster)
       if callback then loop.defer(callback, "a reload is already running") end
       return false
     end
-    sup.held = false
+    set_held(false)
     sup.failures = 0
     local concurrency = (opts and opts.concurrency) or sup.opts.reload.concurrency or 1
     local old = live_supervised()
