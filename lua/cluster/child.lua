@@ -45,7 +45,7 @@ function M.install(cluster, id)
     connected = false
     cluster._channel = nil
     if reason and worker:listenerCount("error") > 0 then
-      worker:emit("error", errors.new("EPROTO", "channel", reason))
+      worker:emit("error", errors.new("EPROTO", "channel", "channel EPROTO: " .. reason, { errno = errors.EPROTO }))
     end
     if rawget(worker, "exitedAfterDisconnect") == nil then worker.exitedAfterDisconnect = false end
     worker.state = "disconnected"

@@ -7,6 +7,9 @@ Error.__index = Error
 Error.__tostring = function(e) return e.message end
 M.Error = Error
 
+--- libuv's (negated) errno of EPROTO, the code of a channel that received garbage.
+M.EPROTO = -71
+
 --- Creates an error object. @tparam string code e.g. "EADDRINUSE" @tparam string syscall
 -- @tparam string message @tparam[opt] table fields extra fields (address, port, path, errno)
 function M.new(code, syscall, message, fields)

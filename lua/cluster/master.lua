@@ -221,7 +221,7 @@ function M.install(cluster)
     if not worker._connected then return end
     worker._connected = false
     if reason then
-      report_error(worker, errors.new("EPROTO", "channel", reason))
+      report_error(worker, errors.new("EPROTO", "channel", "channel EPROTO: " .. reason, { errno = errors.EPROTO }))
     end
     if cluster._onWorkerDisconnected then cluster._onWorkerDisconnected(worker) end
     if worker._dead then
