@@ -57,6 +57,9 @@ function Emitter:on(name, fn)
 end
 Emitter.addListener = Emitter.on
 
+-- once() wrappers -> the listener they wrap, so that off(name, fn) finds them
+local wrapped = setmetatable({}, { __mode = "k" })
+
 --- Adds a listener that runs once. @treturn self
 function Emitter:once(name, fn)
   local list = check(self, "once", name, fn)
@@ -65,6 +68,7 @@ function Emitter:once(name, fn)
     self:off(name, wrapper)
     return fn(...)
   end
+  wrapped[wrapper] = fn
   list[#list + 1] = wrapper
   notify_new(self, name)
   return self
@@ -82,7 +86,8 @@ function Emitter:off(name, fn)
     local kept = {}
     local removed = false
     for i = 1, #list do
-      if not removed and list[i] == fn then removed = true else kept[#kept + 1] = list[i] end
+      local l = list[i]
+      if not removed and (l == fn or wrapped[l] == fn) then removed = true else kept[#kept + 1] = l end
     end
     all[name] = #kept > 0 and kept or nil
   end
