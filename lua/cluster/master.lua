@@ -95,11 +95,18 @@ local function check_env(env)
     if type(k) ~= "string" then
       error("fork: bad argument #1 (env): keys must be strings, got a " .. type(k), 3)
     end
+    if k == "" or k:find("[=%z]") then
+      error(string.format("fork: bad argument #1 (env): %q is not a variable name (empty, or holds '=' or a zero byte)", k), 3)
+    end
     local tv = type(v)
     if tv ~= "string" and tv ~= "number" and tv ~= "boolean" then
       error("fork: bad argument #1 (env): env." .. k .. " is a " .. tv .. ", expected a string", 3)
     end
-    r[k] = tostring(v)
+    v = tostring(v)
+    if v:find("%z") then
+      error("fork: bad argument #1 (env): env." .. k .. " holds a zero byte", 3)
+    end
+    r[k] = v
   end
   return r
 end
