@@ -156,14 +156,20 @@ function M.install(cluster)
     worker._connLimit = o.recycle and o.recycle.maxConnections and
       math.floor(o.recycle.maxConnections * (1 + math.random() * jitter))
     if o.readiness == "listening" then
-      worker:once("listening", function() mark_ready(worker) end)
+      -- after the cluster's own 'listening' listeners: 'ready' follows 'listening'
+      worker:once("listening", function() loop.defer(mark_ready, worker) end)
     end
     worker._readyTimer = loop.setTimeout(function()
       worker._readyTimer = nil
       if worker._ready or worker:isDead() then return end
       worker._failedStart = true
       cluster:emit("readyTimeout", worker)
-      if worker._onReadyTimeout then worker._onReadyTimeout(worker) end
+      if worker._onReadyTimeout then
+        worker._onReadyTimeout(worker) -- a reload's or a recycle's: the old worker stays
+      else
+        -- a failed start: its exit goes through the respawn decision, unlike a stop
+        worker._stoppedAsFailed = true
+      end
       stop_worker(worker, { grace = 0 })
     end, o.readyTimeout)
     worker._readyTimer:unref()
@@ -256,7 +262,7 @@ function M.install(cluster)
     if worker._readyTimer then loop.clearTimeout(worker._readyTimer) worker._readyTimer = nil end
     if worker._stableTimer then loop.clearTimeout(worker._stableTimer) worker._stableTimer = nil end
     if worker._exitHook then worker._exitHook(worker, code, signal) end
-    if not sup.running or worker._stopping or worker._replaced then return end
+    if not sup.running or (worker._stopping and not worker._stoppedAsFailed) or worker._replaced then return end
     if not worker._ready and not worker._failedStart then worker._failedStart = true end
     local delay = decide(worker, code, signal)
     if delay == nil then
