@@ -191,6 +191,38 @@ describe("cluster loop and timers", function()
     H.finish()
   end)
 
+  it("a deferred call that raises does not lose the deferred calls queued after it", function()
+    local ran = {}
+    cluster.defer(function() ran[#ran + 1] = 1 end)
+    cluster.defer(function() error("deferred failure") end)
+    cluster.defer(function() ran[#ran + 1] = 3 end)
+    cluster.defer(function() ran[#ran + 1] = 4 end)
+    local ok, err
+    local deadline = core.hrtime() + 2
+    repeat ok, err = pcall(core.run_once) until not ok or core.hrtime() > deadline
+    assert.is_false(ok)
+    assert.truthy(tostring(err):find("deferred failure", 1, true))
+    assert.is_true(H.wait_until(function() return #ran == 3 end, 2000))
+    assert.same({ 1, 3, 4 }, ran)
+    H.finish()
+  end)
+
+  it("a 'fork' listener that raises does not cost a worker that failed to start its 'exit'", function()
+    cluster.setupMaster({ exec = "/nonexistent/worker.lua" })
+    cluster.once("fork", function() error("fork listener failed") end)
+    local w = cluster.fork()
+    cluster.setupMaster({ exec = H.fixture("worker.lua") })
+    local exited = false
+    w:on("error", function() end)
+    w:on("exit", function() exited = true end)
+    local ok, err = pcall(H.wait_until, function() return exited end, 2000)
+    assert.is_false(ok)
+    assert.truthy(tostring(err):find("fork listener failed", 1, true))
+    assert.is_true(H.wait_until(function() return exited end, 2000))
+    assert.is_nil(cluster.workers[w.id])
+    H.finish()
+  end)
+
   it("an error raised in a callback during poll() is re-raised by poll()", function()
     cluster.setTimeout(function() error("boom in poll") end, 0)
     local ok, err

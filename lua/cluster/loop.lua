@@ -73,14 +73,34 @@ M.clearInterval = M.clearTimeout
 -- Deferred calls: run on the next loop turn, in order, never inside the caller.
 local queue, queued_timer = {}, nil
 
-local function run_deferred()
+local run_deferred
+
+-- When a deferred call raises, the error goes up to run()/poll() as any callback's does;
+-- the calls queued after it must still run on a later turn, not be lost.
+local function requeue_rest(q, from)
+  local rest = {}
+  for j = from, #q do rest[#rest + 1] = q[j] end
+  for j = 1, #queue do rest[#rest + 1] = queue[j] end
+  queue = rest
+  -- 1 ms, not 0: a 0 ms timer would still run in this turn, before run() re-raises
+  if #queue > 0 and not queued_timer then queued_timer = M.setTimeout(run_deferred, 1) end
+end
+
+function run_deferred()
   local q = queue
   queue = {}
   queued_timer = nil
+  local pos = 0
+  local finished = false
+  local _ <close> = setmetatable({}, { __close = function()
+    if not finished then requeue_rest(q, pos + 1) end
+  end })
   for i = 1, #q do
+    pos = i
     local item = q[i]
     item[1](unpack(item, 2, item.n))
   end
+  finished = true
 end
 
 --- Calls fn(...) on the next turn of the loop (Node's process.nextTick / setImmediate).
