@@ -247,7 +247,9 @@ function M.install(cluster)
 
   local function respawn_later(replaced, delay)
     sup.pendingRespawns = sup.pendingRespawns + 1
-    local t = loop.setTimeout(function()
+    local t
+    t = loop.setTimeout(function()
+      sup.respawnTimers[t] = nil
       sup.pendingRespawns = sup.pendingRespawns - 1
       if not sup.running or sup.held then return end
       sup.restartTimes[#sup.restartTimes + 1] = now()
@@ -255,6 +257,16 @@ function M.install(cluster)
       cluster:emit("respawn", w, replaced, delay)
     end, delay)
     sup.respawnTimers[t] = true
+  end
+
+  -- Cancels one pending respawn (scaling down); true if there was one.
+  local function cancel_respawn()
+    local t = next(sup.respawnTimers)
+    if not t then return false end
+    loop.clearTimeout(t)
+    sup.respawnTimers[t] = nil
+    sup.pendingRespawns = sup.pendingRespawns - 1
+    return true
   end
 
   local function on_exit(worker, code, signal)
@@ -411,13 +423,16 @@ function M.install(cluster)
     if math.type(n) ~= "integer" or n < 0 then
       error("scale: bad argument #1 (n): expected an integer >= 0, got " .. tostring(n), 2)
     end
-    if not sup then error("scale: call cluster.supervise{...} first", 2) end
+    if not (sup and sup.running) then error("scale: no supervisor running: call cluster.supervise{...} first", 2) end
     set_held(false)
     sup.opts.workers = n
     local live = live_supervised()
     local have = #live + sup.pendingRespawns
     for _ = have + 1, n do supervised_fork(sup.opts.env, 0) end
-    for i = #live, n + 1, -1 do stop_worker(live[i]) end
+    -- fewer: first the respawns not yet due, then the newest workers
+    local excess = have - n
+    while excess > 0 and cancel_respawn() do excess = excess - 1 end
+    for i = #live, #live - excess + 1, -1 do stop_worker(live[i]) end
     cluster:emit("scale", n)
   end
 
@@ -466,7 +481,7 @@ function M.install(cluster)
     if opts ~= nil and type(opts) ~= "table" then
       error("reload: bad argument #1 (opts): expected a table, got " .. type(opts), 2)
     end
-    if not sup then error("reload: call cluster.supervise{...} first", 2) end
+    if not (sup and sup.running) then error("reload: no supervisor running: call cluster.supervise{...} first", 2) end
     if sup.reloading then
       if callback then loop.defer(callback, "a reload is already running") end
       return false
