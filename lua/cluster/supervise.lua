@@ -179,6 +179,12 @@ function M.install(cluster)
   -- ---------------------------------------------------------------------------
   -- respawn decisions, backoff, crash loops
 
+  -- the restart delay after `sup.failures` failures in a row (ms, an integer)
+  local function backoff_delay()
+    local b = sup.opts.backoff
+    return math.floor(math.min(b.max, b.initial * b.factor ^ math.max(0, sup.failures - 1)))
+  end
+
   local function is_failure(worker, code, signal)
     if worker._failedStart then return true end
     return signal ~= nil or (code ~= 0 and code ~= nil)
@@ -191,8 +197,7 @@ function M.install(cluster)
     local base_delay = 0
     if failed then
       sup.failures = sup.failures + 1
-      local b = o.backoff
-      base_delay = math.min(b.max, b.initial * b.factor ^ (sup.failures - 1))
+      base_delay = backoff_delay()
     end
     local r = o.restart
     if type(r) == "function" then
@@ -315,9 +320,19 @@ function M.install(cluster)
     w._onReady = function()
       stop_worker(worker, nil, done)
     end
-    w._onReadyTimeout = function()
-      worker._replaced = nil -- the old one stays
+    -- A replacement that crashes or misses readiness is a failed start: it is not
+    -- respawned (the old worker stays, supervised as before) and the next attempt for
+    -- this worker waits for the backoff delay.
+    local function failed()
+      if w._replaceFailed then return end
+      w._replaceFailed = true
+      w._stopping = true
+      worker._replaced = nil
+      sup.failures = sup.failures + 1
+      worker._recycleAfter = now() + backoff_delay()
     end
+    w._onReadyTimeout = failed
+    w._exitHook = function() if not w._ready then failed() end end
   end
   cluster.replaceWorker = replace
 
@@ -344,7 +359,7 @@ function M.install(cluster)
           end
         end
         local rc = o.recycle
-        if rc and w._ready and not w._replaced then
+        if rc and w._ready and not w._replaced and not (w._recycleAfter and t < w._recycleAfter) then
           local reason
           if w._ageLimit and t - w._forkedAt > w._ageLimit then
             reason = "age"

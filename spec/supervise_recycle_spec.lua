@@ -1,0 +1,169 @@
+-- Recycling: a worker is replaced through the graceful path (a new one first, then the
+-- old one disconnects and drains) after N handled connections, after a max age, or when
+-- its RSS passes a limit; 'recycle'(worker, reason) says why. Clients see no failure.
+local cluster = require "cluster"
+local H = require "helper"
+local R = require "fixtures.sup_lib"
+
+describe("supervise: recycling", function()
+  local port
+  before_each(function()
+    H.setup()
+    cluster.setupMaster { exec = H.fixture("sup_worker.lua"), args = {} }
+    port = R.free_port()
+  end)
+  after_each(function()
+    pcall(cluster.shutdown, { grace = 0, killTimeout = 0 })
+    H.teardown()
+  end)
+
+  local function start(workers, recycle, control)
+    local rec = R.record(cluster)
+    cluster.supervise {
+      workers = workers, env = { SUP_MODE = "serve", SUP_PORT = tostring(port), SUP_CONTROL = control },
+      backoff = { initial = 10, factor = 2, max = 100, reset = 60000 },
+      recycle = recycle, grace = 1000, killTimeout = 500, signals = false, output = false,
+    }
+    assert.is_true(H.wait_until(rec.has("ready", workers), 5000), rec.dump())
+    return rec
+  end
+
+  local function shutdown()
+    local done = false
+    cluster.shutdown({ grace = 500, killTimeout = 200 }, function() done = true end)
+    assert.is_true(H.wait_until(function() return done end, 3000))
+  end
+
+  -- The worker forked after `old` was recycled (its replacement), or nil.
+  local function replacement_of(rec, old)
+    local seen = false
+    for _, e in ipairs(rec.events) do
+      if e.name == "recycle" and e.id == old then seen = true
+      elseif seen and e.name == "fork" then return e.id end
+    end
+  end
+
+  -- Checks that `old` was replaced gracefully: the replacement got ready before the old
+  -- one disconnected, and the old one exited 0.
+  local function check_graceful(rec, old)
+    local new = replacement_of(rec, old)
+    assert.truthy(new, "no replacement for " .. old .. "\n" .. rec.dump())
+    assert.is_true(H.wait_until(rec.has("exit", 1, { id = old }), 5000), rec.dump())
+    local ready, gone
+    for i, e in ipairs(rec.events) do
+      if e.name == "ready" and e.id == new then ready = i end
+      if e.name == "disconnect" and e.id == old then gone = i end
+    end
+    assert.truthy(ready and gone and ready < gone, rec.dump())
+    assert.equal(1, rec.count("exit", { id = old, code = 0 }), rec.dump())
+    return new
+  end
+
+  it("by connection count: after maxConnections handled connections, reason \"connections\"", function()
+    local rec = start(1, { maxConnections = 5, jitter = 0, jitterMs = 0, check = 50 })
+    local first = select(1, next(cluster.workers))
+    -- five sequential requests through round-robin reach the only worker
+    local served = 0
+    local function one()
+      R.http_get(port, function(err, id)
+        assert.is_nil(err)
+        assert.equal(first, id)
+        served = served + 1
+        if served < 5 then one() end
+      end)
+    end
+    one()
+    assert.is_true(H.wait_until(function() return served == 5 end, 5000))
+    assert.equal(5, cluster.workers[first]:stats().connections)
+    assert.is_true(H.wait_until(rec.has("recycle"), 3000), rec.dump())
+    local e = rec.all("recycle")[1]
+    assert.equal(first, e.id)
+    assert.equal("connections", e.reason)
+    local new = check_graceful(rec, first)
+    -- the replacement serves, from a fresh count
+    local id
+    R.http_get(port, function(err, got) assert.is_nil(err) id = got end)
+    assert.is_true(H.wait_until(function() return id ~= nil end, 3000))
+    assert.equal(new, id)
+    assert.equal(1, cluster.workers[new]:stats().connections)
+    assert.equal(0, rec.count("respawn"))
+    shutdown()
+    H.finish()
+  end)
+
+  it("by connection count under load: no failed request while workers are recycled", function()
+    local rec = start(2, { maxConnections = 40, jitter = 0.2, jitterMs = 50, check = 50 })
+    local load = R.load(port, 4)
+    assert.is_true(H.wait_until(rec.has("recycle", 3), 10000), rec.dump())
+    load.stop()
+    assert.is_true(H.wait_until(load.idle, 5000))
+    assert.equal(0, load.failed, table.concat(load.failures, "\n"))
+    for _, e in ipairs(rec.all("recycle")) do assert.equal("connections", e.reason) end
+    shutdown()
+    H.finish()
+  end)
+
+  it("by age: after maxAge ms, reason \"age\"", function()
+    local age = {}
+    cluster.on("recycle", function(w) age[w.id] = w:stats().uptime * 1000 end)
+    local rec = start(2, { maxAge = 400, jitter = 0, jitterMs = 0, check = 50 })
+    assert.is_true(H.wait_until(rec.has("recycle", 2), 3000), rec.dump())
+    for _, e in ipairs(rec.all("recycle")) do
+      assert.equal("age", e.reason)
+      assert.is_true(age[e.id] >= 400, "recycled after " .. age[e.id] .. " ms")
+    end
+    local olds = rec.all("recycle")
+    check_graceful(rec, olds[1].id)
+    check_graceful(rec, olds[2].id)
+    assert.equal(0, rec.count("respawn"))
+    shutdown()
+    H.finish()
+  end)
+
+  it("a replacement that fails to start leaves the old worker in place, supervised, and retried later", function()
+    local control = H.tmpname("control")
+    R.write(control, "serve")
+    local rec = start(1, { maxAge = 300, jitter = 0, jitterMs = 0, check = 50 }, control)
+    local old = select(1, next(cluster.workers))
+    R.write(control, "crash")
+    assert.is_true(H.wait_until(rec.has("recycle", 1, { id = old }), 3000), rec.dump())
+    local failed = replacement_of(rec, old)
+    assert.truthy(failed, rec.dump())
+    assert.is_true(H.wait_until(rec.has("exit", 1, { id = failed }), 3000), rec.dump())
+    H.run_for(150)
+    -- the failed replacement is not respawned on its own; the old worker still serves
+    assert.equal(0, rec.count("respawn"), rec.dump())
+    assert.equal(0, rec.count("disconnect", { id = old }))
+    local n = 0
+    for _ in pairs(cluster.workers) do n = n + 1 end
+    assert.is_true(n <= 2, rec.dump())
+    local id
+    R.http_get(port, function(err, got) assert.is_nil(err) id = got end)
+    assert.is_true(H.wait_until(function() return id ~= nil end, 3000))
+    assert.equal(old, id)
+    -- once replacements start again, the old worker is recycled after all
+    R.write(control, "serve")
+    assert.is_true(H.wait_until(function()
+      return rec.count("exit", { id = old, code = 0 }) == 1
+    end, 5000), rec.dump())
+    local live = {}
+    for wid in pairs(cluster.workers) do live[#live + 1] = wid end
+    assert.equal(1, #live, rec.dump())
+    -- and a crash of the survivor is respawned as usual
+    cluster.workers[live[1]]:kill("SIGKILL")
+    assert.is_true(H.wait_until(rec.has("respawn", 1, { replaced = live[1] }), 3000), rec.dump())
+    shutdown()
+    os.remove(control)
+    H.finish()
+  end)
+
+  it("by RSS: past maxRss, reason \"rss\"", function()
+    local rec = start(1, { maxRss = 1024, jitter = 0, jitterMs = 0, check = 50 })
+    assert.is_true(H.wait_until(rec.has("recycle"), 3000), rec.dump())
+    local e = rec.all("recycle")[1]
+    assert.equal("rss", e.reason)
+    check_graceful(rec, e.id)
+    shutdown()
+    H.finish()
+  end)
+end)
