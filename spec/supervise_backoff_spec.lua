@@ -6,7 +6,7 @@ local cluster = require "cluster"
 local H = require "helper"
 local R = require "fixtures.sup_lib"
 
-local INITIAL, FACTOR, MAX, RESET = 40, 2, 320, 300
+local INITIAL, FACTOR, MAX, RESET = 100, 2, 800, 300
 
 local function shutdown()
   local done = false
@@ -42,14 +42,14 @@ describe("supervise: backoff", function()
       intensity = 100, period = 60, grace = 100, killTimeout = 100, signals = false, output = false,
     }
 
-    -- five failed starts in a row: 40, 80, 160, 320 (the cap), 320
-    assert.is_true(H.wait_until(function() return #respawns >= 5 end, 5000), rec.dump())
-    local want = { 40, 80, 160, 320, 320 }
+    -- five failed starts in a row: 100, 200, 400, 800 (the cap), 800
+    assert.is_true(H.wait_until(function() return #respawns >= 5 end, 10000), rec.dump())
+    local want = { 100, 200, 400, 800, 800 }
     for i = 1, 5 do
       assert.equal(want[i], respawns[i].delay, "reported delay #" .. i)
       assert.is_true(respawns[i].waited >= want[i] - 5,
         string.format("respawn #%d after %.0f ms, before its delay %d", i, respawns[i].waited, want[i]))
-      assert.is_true(respawns[i].waited < want[i] + 1000,
+      assert.is_true(respawns[i].waited < want[i] + 2000,
         string.format("respawn #%d after %.0f ms, far beyond its delay %d", i, respawns[i].waited, want[i]))
     end
     for i = 1, 3 do

@@ -5,7 +5,7 @@ local cluster = require "cluster"
 local H = require "helper"
 local R = require "fixtures.sup_lib"
 
-local TIMEOUT = 400
+local TIMEOUT = 800
 
 describe("supervise: watchdog", function()
   local control
