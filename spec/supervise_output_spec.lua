@@ -1,0 +1,118 @@
+-- Worker output: with `silent`, every line a worker writes reaches the master whole as
+-- 'output'(worker, stream, line); under supervise the master prints it by default as
+-- "[worker N] line" on its own stdout/stderr, lines never mixed mid-line even when two
+-- workers write many long lines at once.
+local cluster = require "cluster"
+local H = require "helper"
+local R = require "fixtures.sup_lib"
+
+local LINES, WIDTH = 300, 3000
+
+-- Checks that `lines` (worker id -> list of its stdout lines, prefix removed) hold
+-- exactly lines 1..LINES of that worker's text, in order.
+local function check_lines(by_worker, ids)
+  for _, id in ipairs(ids) do
+    local list = by_worker[id] or {}
+    assert.equal(LINES, #list, "worker " .. id .. " lines")
+    local fill = string.rep(string.char(64 + id), WIDTH)
+    for i, line in ipairs(list) do
+      assert.equal(string.format("line %d %s end", i, fill), line)
+    end
+  end
+end
+
+describe("supervise: worker output", function()
+  before_each(function()
+    H.setup()
+    cluster.setupMaster { exec = H.fixture("sup_worker.lua"), args = {}, silent = true }
+  end)
+  after_each(function()
+    pcall(cluster.shutdown, { grace = 0, killTimeout = 0 })
+    H.teardown()
+    cluster.setupMaster { silent = false }
+  end)
+
+  it("reaches the master line by line as 'output'(worker, stream, line), each line whole", function()
+    local by_worker, stderr_lines, bad = {}, {}, {}
+    cluster.on("output", function(w, stream, line)
+      if stream == "stdout" then
+        local list = by_worker[w.id] or {}
+        by_worker[w.id] = list
+        list[#list + 1] = line
+      elseif stream == "stderr" then
+        stderr_lines[#stderr_lines + 1] = w.id .. ":" .. line
+      else
+        bad[#bad + 1] = stream
+      end
+    end)
+    local rec = R.record(cluster)
+    cluster.supervise {
+      workers = 2, readiness = "explicit", env = { SUP_MODE = "print", SUP_LINES = tostring(LINES) },
+      grace = 200, killTimeout = 200, signals = false, output = false,
+    }
+    assert.is_true(H.wait_until(function() return #stderr_lines >= 2 end, 10000), rec.dump())
+    local ids = {}
+    for id in pairs(cluster.workers) do ids[#ids + 1] = id end
+    table.sort(ids)
+    assert.equal(2, #ids)
+    H.wait_until(function()
+      return #(by_worker[ids[1]] or {}) >= LINES and #(by_worker[ids[2]] or {}) >= LINES
+    end, 5000)
+    check_lines(by_worker, ids)
+    table.sort(stderr_lines)
+    assert.same({ ids[1] .. ":done", ids[2] .. ":done" }, stderr_lines)
+    assert.same({}, bad)
+    local done = false
+    cluster.shutdown(function() done = true end)
+    assert.is_true(H.wait_until(function() return done end, 3000))
+    H.finish()
+  end)
+end)
+
+describe("supervise: default printing of worker output", function()
+  before_each(H.setup)
+  after_each(H.teardown)
+
+  it("prefixes each line with the worker id on the master's stdout/stderr, never mixing lines", function()
+    local m = R.start_master(H, [[
+      local cluster = ...
+      cluster.setupMaster { silent = true }
+      return { workers = 2, readiness = "explicit",
+        env = { SUP_MODE = "print", SUP_LINES = "]] .. LINES .. [[" } }
+    ]])
+    assert.is_true(H.wait_until(function()
+      local err = H.read_file(m.err) or ""
+      local n = 0
+      for _ in err:gmatch("%] done\n") do n = n + 1 end
+      return n >= 2
+    end, 10000), m.output())
+    require("cluster.core").kill(m.pid, "SIGTERM")
+    assert.equal(0, m.wait_exit(5000), m.output())
+    local ids = {}
+    for _, e in ipairs(m.all("fork")) do ids[#ids + 1] = e.id end
+    table.sort(ids)
+    assert.equal(2, #ids)
+    -- every stdout line is an event line or a whole prefixed worker line
+    local by_worker, stray = {}, {}
+    for line in H.read_file(m.out):gmatch("([^\n]*)\n") do
+      local id, rest = line:match("^%[worker (%d+)%] (.*)$")
+      if id then
+        id = math.tointeger(tonumber(id))
+        local list = by_worker[id] or {}
+        by_worker[id] = list
+        list[#list + 1] = rest
+      elseif not (line:match("^EVENT ") or line:match("^MASTER %d+$") or line == "RUN RETURNED") then
+        stray[#stray + 1] = line:sub(1, 80)
+      end
+    end
+    assert.same({}, stray)
+    check_lines(by_worker, ids)
+    -- stderr lines are prefixed too
+    local err = H.read_file(m.err)
+    for _, id in ipairs(ids) do
+      assert.truthy(err:find("[worker " .. id .. "] done\n", 1, true), err)
+    end
+    H.cleanup_master(m)
+    H.finish()
+  end)
+end)
