@@ -13,10 +13,11 @@ end
 
 local function check_ms(fname, ms)
   if ms == nil then return 0 end
-  if type(ms) ~= "number" or ms ~= ms or ms < 0 then
-    error(fname .. ": bad argument #2 (delay): expected a number of milliseconds >= 0, got " .. tostring(ms), 3)
+  -- the upper bound keeps the delay an integer libuv can add to its clock
+  if type(ms) ~= "number" or ms ~= ms or ms < 0 or ms >= 2 ^ 53 then
+    error(fname .. ": bad argument #2 (delay): expected a number of milliseconds >= 0 and < 2^53, got " .. tostring(ms), 3)
   end
-  return math.floor(ms)
+  return math.tointeger(math.floor(ms))
 end
 
 local Timer = {}
