@@ -205,6 +205,29 @@ describe("cluster settings", function()
     H.finish()
   end)
 
+  it("uid and gid: the worker runs as that user and group (the master must be root)", function()
+    local function ids(pid)
+      local st = H.read_file("/proc/" .. pid .. "/status") or ""
+      return tonumber(st:match("Uid:%s+(%d+)")), tonumber(st:match("Gid:%s+(%d+)"))
+    end
+    if ids("self") ~= 0 then
+      pending("the master is not root")
+      return
+    end
+    cluster.setupMaster({ exec = WORKER, uid = 65534, gid = 65534 })
+    local w = cluster.fork()
+    cluster.setupMaster({ uid = 0, gid = 0 })   -- settings accumulate: back to root
+    local uid, gid
+    w:on("online", H.expect(function()
+      uid, gid = ids(w.process.pid)
+      w:kill()
+    end))
+    assert.is_true(H.wait_until(function() return w:isDead() end, 5000))
+    assert.equal(65534, uid)
+    assert.equal(65534, gid)
+    H.finish()
+  end)
+
   it("silent: the worker's stdout and stderr do not reach the master's", function()
     local quiet = H.spawn_master(H.fixture("master_silent.lua"), { "silent" })
     local loud = H.spawn_master(H.fixture("master_silent.lua"), { "loud" })
