@@ -64,6 +64,26 @@ describe("cluster worker exit", function()
     H.finish()
   end)
 
+  it("master kill() does nothing but signal: a worker that handles SIGTERM stays alive and connected", function()
+    local w = cluster.fork({ FIXTURE_MODE = "ignore_term" })
+    w:on("disconnect", H.expect(nil, 0))
+    local got
+    w:on("message", function(m)
+      -- 'online' comes before the worker's script runs: wait for its handler
+      if m == "handling SIGTERM" then w:kill() else got = m end
+    end)
+    assert.is_true(H.wait_until(function() return got ~= nil end, 5000))
+    assert.equal("got SIGTERM", got)
+    H.run_for(50)
+    assert.is_true(w:isConnected())
+    assert.is_false(w:isDead())
+    assert.is_nil(w.exitedAfterDisconnect)
+    assert.equal(w, cluster.workers[w.id])
+    w:off("disconnect")
+    w:kill("SIGKILL")
+    H.finish()
+  end)
+
   it("reports a worker's own exit code with no signal", function()
     local r = {}
     for _, code in ipairs { 0, 1, 7, 255 } do
