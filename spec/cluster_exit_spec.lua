@@ -315,6 +315,19 @@ describe("cluster worker exit", function()
     H.finish()
   end)
 
+  it("a worker's own child processes do not inherit its channel descriptor", function()
+    local w = cluster.fork({ FIXTURE_MODE = "grandchild" })
+    local grandchild
+    w:on("message", function(m) grandchild = H.track(m.grandchild) end)
+    assert.is_true(H.wait_until(function() return grandchild ~= nil end, 5000))
+    local p = io.popen("ls -l /proc/" .. grandchild .. "/fd 2>/dev/null")
+    local fds = p:read("a")
+    p:close()
+    assert.truthy(fds:find("null", 1, true), fds)   -- the listing worked
+    assert.falsy(fds:find("socket:", 1, true), "the worker's child holds a socket:\n" .. fds)
+    H.finish()
+  end)
+
   it("state goes online > disconnected > dead for a worker that exits on its own", function()
     local w = cluster.fork({ FIXTURE_MODE = "exit", FIXTURE_CODE = "0" })
     local states = {}

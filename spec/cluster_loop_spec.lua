@@ -225,6 +225,21 @@ describe("cluster loop and timers", function()
     H.finish()
   end)
 
+  it("two callbacks that raise in the same turn: each error reaches a caller of the loop, none is swallowed", function()
+    cluster.setTimeout(function() error("first failure") end, 0)
+    cluster.setTimeout(function() error("second failure") end, 0)
+    local errs = {}
+    local deadline = core.hrtime() + 1
+    while #errs < 2 and core.hrtime() < deadline do
+      local ok, err = pcall(cluster.poll)
+      if not ok then errs[#errs + 1] = tostring(err) end
+    end
+    assert.equal(2, #errs, "errors seen: " .. table.concat(errs, " | "))
+    assert.truthy(errs[1]:find("first failure", 1, true))
+    assert.truthy(errs[2]:find("second failure", 1, true))
+    H.finish()
+  end)
+
   it("an error raised in a callback during poll() is re-raised by poll()", function()
     cluster.setTimeout(function() error("boom in poll") end, 0)
     local ok, err
