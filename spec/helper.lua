@@ -21,6 +21,7 @@ H.FIXTURES = H.ROOT .. "/spec/fixtures/"
 function H.fixture(name) return H.FIXTURES .. name end
 
 local tracked_pids = {}   -- pids started outside cluster.fork (subprocess masters, their workers)
+local tracked_files = {}  -- files of spawned masters, removed at teardown
 local expectations = {}
 local listener_snapshot = nil
 
@@ -163,6 +164,8 @@ function H.teardown()
     listener_snapshot = nil
   end
   for _, w in ipairs(all_workers()) do w:removeAllListeners() end
+  for _, f in ipairs(tracked_files) do os.remove(f) end
+  tracked_files = {}
   local ok
   for _ = 1, 10 do
     local fine, res = pcall(H.kill_all)
@@ -205,6 +208,7 @@ function H.spawn_master(script, args, env)
     "( %s sh -c 'echo $$ > %s; exec \"$0\" \"$@\"' %s > %s 2> %s; echo $? > %s ) < /dev/null > /dev/null 2>&1 &",
     table.concat(envs, " "), pidfile, table.concat(cmdline, " "), out, err, status))
   local m = { out = out, err = err, status = status }
+  for _, f in ipairs { out, err, status, pidfile } do tracked_files[#tracked_files + 1] = f end
   H.wait_until(function()
     local s = H.read_file(pidfile)
     m.pid = s and math.tointeger(tonumber(s:match("%d+")))
