@@ -249,6 +249,25 @@ describe("cluster messages", function()
     H.finish()
   end)
 
+  it("worker:disconnect() loses no message: what either side sent before it arrives, however big", function()
+    local size = 8 * 1024 * 1024
+    local got = {}
+    w:on("message", function(m) got[#got + 1] = m end)
+    local code
+    w:on("exit", function(c) code = c end)
+    w:on("online", function()
+      w:send(string.rep("m", size))          -- echoed back by the worker
+      w:send({ cmd = "big", size = size })   -- the worker answers with a big string
+      w:disconnect()
+    end)
+    assert.is_true(H.wait_until(function() return code ~= nil and not w:isConnected() end, 10000))
+    assert.equal(0, code)
+    assert.equal(2, #got)
+    assert.equal(string.rep("m", size), got[1])
+    assert.equal(string.rep("x", size), got[2])
+    H.finish()
+  end)
+
   it("worker:send returns true while connected", function()
     assert.is_true(w:send("x"))
     w:kill()

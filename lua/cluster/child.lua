@@ -61,21 +61,19 @@ function M.install(cluster, id)
   cluster._internal = internal
 
   -- disconnect: stop accepting, close servers, wait for them, then close the channel
-  local function graceful_disconnect(master_initiated)
+  local function graceful_disconnect()
     if worker._disconnecting or not connected then return end
     worker._disconnecting = true
     worker.exitedAfterDisconnect = true
+    -- Closing at once would cancel writes still in flight (a big message sent just
+    -- before the master asked): close once this last message is written, which means
+    -- every earlier one is written too. The master already knows when it asked.
     local function close_channel()
       if not connected then return end
-      if master_initiated then
+      send_internal({ act = "exitedAfterDisconnect" }, nil, function()
         channel:close()
         on_disconnect(nil)
-      else
-        send_internal({ act = "exitedAfterDisconnect" }, nil, function()
-          channel:close()
-          on_disconnect(nil)
-        end)
-      end
+      end)
     end
     if cluster._closeSharedServers then
       cluster._closeSharedServers(close_channel)
@@ -84,7 +82,7 @@ function M.install(cluster, id)
     end
   end
 
-  function internal.disconnect() graceful_disconnect(true) end
+  function internal.disconnect() graceful_disconnect() end
 
   channel:start(function(is_internal, msg, handle)
     if is_internal then
@@ -135,7 +133,7 @@ function M.install(cluster, id)
     end)
   end
 
-  function impl.disconnect() graceful_disconnect(false) end
+  function impl.disconnect() graceful_disconnect() end
   function impl.isDead() return false end
   function impl.isConnected() return connected end
 
