@@ -245,6 +245,34 @@ describe("cluster.dgram", function()
     close_all(server, client)
   end)
 
+  it("in a worker, bind hands options to cluster._shareBind unless exclusive", function()
+    local saved = package.loaded["cluster"]
+    local calls = {}
+    package.loaded["cluster"] = {
+      isWorker = true,
+      _shareBind = function(socket, opts) calls[#calls + 1] = { socket = socket, opts = opts } end,
+    }
+    local ok, err = pcall(function()
+      local s = dgram.createSocket({ type = "udp4", reuseAddr = true })
+      s:bind(41234)
+      assert.are.same({ port = 41234, address = "0.0.0.0", type = "udp4", reuseAddr = true,
+                        ipv6Only = false, exclusive = false }, calls[1].opts)
+      -- the answer: a handle bound by the master
+      local h = core.udp_new("udp4")
+      h:bind("127.0.0.1", 0)
+      local listened = false
+      s:on("listening", function() listened = true end)
+      s:_adoptHandle(h)
+      assert.is_true(run_until(function() return listened end))
+      local ex = dgram.createSocket("udp4")
+      ex:bind({ port = 0, address = "127.0.0.1", exclusive = true })
+      assert.are.equal(1, #calls)
+      close_all(s, ex)
+    end)
+    package.loaded["cluster"] = saved
+    if not ok then error(err, 0) end
+  end)
+
   it("_wrapUdp turns a bound handle into a receiving socket", function()
     local h = core.udp_new("udp4")
     h:bind("127.0.0.1", 0)

@@ -682,6 +682,52 @@ describe("cluster.net", function()
       assert.is_true(close_hook)
     end)
 
+    -- Pretends to be a cluster worker whose sharing layer records the requests.
+    local function with_fake_worker(fn)
+      local saved = package.loaded["cluster"]
+      local calls = {}
+      package.loaded["cluster"] = {
+        isWorker = true,
+        _shareListen = function(server, opts) calls[#calls + 1] = { server = server, opts = opts } end,
+      }
+      local ok, err = pcall(fn, calls)
+      package.loaded["cluster"] = saved
+      if not ok then error(err, 0) end
+    end
+
+    it("in a worker, listen hands normalized options to cluster._shareListen unless exclusive", function()
+      with_fake_worker(function(calls)
+        local server = net.createServer()
+        assert.are.equal(server, server:listen(8123, "127.0.0.1", 64))
+        assert.are.same({ port = 8123, host = "127.0.0.1", backlog = 64, exclusive = false, ipv6Only = false },
+          calls[1].opts)
+        assert.are.equal(server, calls[1].server)
+        local s2 = net.createServer()
+        s2:listen("/tmp/x.sock")
+        assert.are.same({ path = "/tmp/x.sock", backlog = 511, exclusive = false, ipv6Only = false }, calls[2].opts)
+        local s3 = net.createServer()
+        s3:listen({ port = 0, host = "127.0.0.1", exclusive = true })
+        assert.are.equal(2, #calls)
+        assert.is_true(s3:address().port > 0)
+        close_server(s3)
+      end)
+    end)
+
+    it("close() during a shared listen emits 'close' and releases the share when the answer comes", function()
+      with_fake_worker(function(calls)
+        local server = net.createServer()
+        server:listen(0)
+        local closed, released = false, false
+        server:close(function(err) closed = err == nil end)
+        server._onClose = function() released = true end
+        server:_setListening({ address = "::", family = "IPv6", port = 1 })
+        assert.is_false(server.listening)
+        assert.is_true(run_until(function() return closed end))
+        assert.is_true(released)
+        assert.is_nil(server:address())
+      end)
+    end)
+
     it("_adoptHandle listens on a bound handle", function()
       local h = core.tcp_new()
       h:bind("127.0.0.1", 0)

@@ -112,7 +112,7 @@ function Socket:bind(...)
     local o = args[1]
     opts = { port = o.port, address = o.address, exclusive = o.exclusive and true or false }
   else
-    opts = { port = args[1], address = args[2] }
+    opts = { port = args[1], address = args[2], exclusive = false }
     if n > 2 then argerror(fname, n, "callback", "expected a function, got " .. type(args[n])) end
   end
   if opts.port == nil then opts.port = 0 end
@@ -161,6 +161,7 @@ function Socket:_failBind(err)
       if q[i][4] then q[i][4](err) end
     end
   end
+  if self._state == "closed" then return end
   emit_error(self, err)
 end
 
@@ -168,7 +169,12 @@ end
 -- the cluster layer shares the bind), starts receiving and emits `'listening'`
 -- (unless `silent`). Internal.
 function Socket:_adoptHandle(h, silent)
-  if self._state == "closed" then h:close() return end
+  if self._state == "closed" then
+    -- closed while the cluster layer was binding: let it release the shared socket
+    h:close()
+    if self._onClose then self._onClose(self) end
+    return
+  end
   self._handle = h
   self._state = "bound"
   if self._unref then h:unref() end

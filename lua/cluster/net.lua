@@ -616,6 +616,8 @@ local function normalize_listen(...)
     typeerror(fname, 1, "port", "a port number, a path or an options table", a1)
   end
   opts.backlog = math_tointeger(opts.backlog) or DEFAULT_BACKLOG
+  opts.exclusive = opts.exclusive or false
+  opts.ipv6Only = opts.ipv6Only or false
   return opts, cb
 end
 
@@ -628,7 +630,7 @@ end
 -- @treturn Server self
 function Server:listen(...)
   local opts, cb = normalize_listen(...)
-  if self._handle or self.listening then
+  if self._handle or self.listening or self._listenPending then
     error("server:listen: the server is already listening", 2)
   end
   if cb then self:once("listening", cb) end
@@ -637,6 +639,7 @@ function Server:listen(...)
   self._path = opts.path
   local cluster = package.loaded["cluster"]
   if type(cluster) == "table" and cluster.isWorker and not opts.exclusive and cluster._shareListen then
+    self._listenPending, self._cancelListen = true, false
     cluster._shareListen(self, opts)
     return self
   end
@@ -705,6 +708,10 @@ end
 -- @param stream a cluster.tcp or cluster.pipe userdata
 -- @treturn boolean whether it listens (on failure, `'error'` follows)
 function Server:_adoptHandle(stream)
+  if self:_listenCancelled() then
+    stream:close()
+    return false
+  end
   local ok, _, code = stream:listen(self._backlog or DEFAULT_BACKLOG,
     function(err) self:_onConnection(err) end)
   if not ok then
@@ -721,6 +728,10 @@ end
 -- (the cluster layer's round-robin: the master accepts and sends connections). Internal.
 -- @tparam table|string address what `server:address()` will return
 function Server:_setListening(address)
+  if self:_listenCancelled() then
+    if self._onClose then self._onClose(self) end
+    return
+  end
   self._address = address
   self.listening = true
   defer(function() if self.listening then self:emit("listening") end end)
@@ -745,8 +756,20 @@ end
 
 --- Emits `'error'(err)` (raising it when nobody listens). Internal, for the cluster layer.
 function Server:_emitError(err)
+  if self:_listenCancelled() then return end
   self.listening = false
   emit_error(self, err)
+end
+
+-- A shared listen has completed: false if close() came first (then 'close' is on its way).
+function Server:_listenCancelled()
+  local cancelled = self._cancelListen
+  self._listenPending, self._cancelListen = false, false
+  if cancelled then
+    defer(function() self:emit("close") end)
+    return true
+  end
+  return false
 end
 
 function Server:_connectionGone(sock)
@@ -770,6 +793,12 @@ end
 function Server:close(callback)
   if callback ~= nil and type(callback) ~= "function" then
     typeerror("server:close", 1, "callback", "a function", callback)
+  end
+  if self._listenPending and not self.listening then
+    -- a shared listen is under way: it is undone when its answer comes
+    if callback then self:once("close", callback) end
+    self._cancelListen = true
+    return self
   end
   if not self.listening and not self._handle then
     if callback then
