@@ -390,6 +390,7 @@ static int s_write(lua_State *L) {
   cl_handle *h = check_stream(L, 1);
   size_t len;
   const char *data = luaL_checklstring(L, 2, &len);
+  luaL_argcheck(L, len <= UINT32_MAX, 2, "data larger than 4 GiB");
   int has_cb = !lua_isnoneornil(L, 3);
   if (has_cb) luaL_checktype(L, 3, LUA_TFUNCTION);
   size_t done = 0;

@@ -114,6 +114,7 @@ static int u_send(lua_State *L) {
   cl_handle *h = check_udp(L, 1);
   size_t len;
   const char *data = luaL_checklstring(L, 2, &len);
+  luaL_argcheck(L, len <= UINT32_MAX, 2, "datagram too large");
   const char *host = luaL_checkstring(L, 3);
   int port = check_port(L, 4);
   if (!lua_isnoneornil(L, 5)) luaL_checktype(L, 5, LUA_TFUNCTION);
