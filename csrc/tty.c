@@ -18,8 +18,10 @@ static struct {
   void (*remove)(void);
   void (*add_history)(const char *);
   int (*set_prompt)(const char *);
-  void (*redisplay)(void);
+  int (*forced_update_display)(void);
 } rl;
+
+static int in_line_handler = 0; /* Lua is running the line just entered */
 
 static lua_State *reader_L;
 static int line_cb = LUA_NOREF;
@@ -41,7 +43,7 @@ static int load_readline(void) {
   rl.remove = (void (*)(void))dlsym(rl.lib, "rl_callback_handler_remove");
   rl.add_history = (void (*)(const char *))dlsym(rl.lib, "add_history");
   rl.set_prompt = (int (*)(const char *))dlsym(rl.lib, "rl_set_prompt");
-  rl.redisplay = (void (*)(void))dlsym(rl.lib, "rl_redisplay");
+  rl.forced_update_display = (int (*)(void))dlsym(rl.lib, "rl_forced_update_display");
   if (!rl.install || !rl.read_char || !rl.remove) {
     dlclose(rl.lib);
     memset(&rl, 0, sizeof rl);
@@ -68,7 +70,9 @@ static void on_rl_line(char *line) {
     return;
   }
   if (*line && rl.add_history) rl.add_history(line);
+  in_line_handler = 1;
   deliver(line, strlen(line));
+  in_line_handler = 0;
   free(line);
 }
 
@@ -147,17 +151,31 @@ static int l_readline_start(lua_State *L) {
   return 1;
 }
 
-/* core.readline_prompt(prompt): the prompt for the next line. */
+/* core.readline_prompt(prompt): the prompt for the next line (readline shows it once
+ * the line handler returns). */
 static int l_readline_prompt(lua_State *L) {
   const char *prompt = luaL_checkstring(L, 1);
   if (poll_open) {
     if (rl.set_prompt) rl.set_prompt(prompt);
-    rl.remove();
-    rl.install(prompt, on_rl_line);
   } else {
     free(plain_prompt);
     plain_prompt = strdup(prompt);
   }
+  return 0;
+}
+
+/* core.readline_hide() / readline_show(): around output written while the user sits at
+ * the prompt (an event listener that prints), so the line being typed is cleared first
+ * and redrawn after, not mixed with the output. */
+static int l_readline_hide(lua_State *L) {
+  (void)L;
+  if (poll_open && !in_line_handler) { fputs("\r\033[K", stdout); fflush(stdout); }
+  return 0;
+}
+
+static int l_readline_show(lua_State *L) {
+  (void)L;
+  if (poll_open && !in_line_handler && rl.forced_update_display) { fflush(stdout); rl.forced_update_display(); }
   return 0;
 }
 
@@ -170,6 +188,7 @@ static int l_readline_stop(lua_State *L) {
 void cl_open_tty(lua_State *L) {
   static const luaL_Reg fns[] = {
     {"readline_start", l_readline_start}, {"readline_prompt", l_readline_prompt},
-    {"readline_stop", l_readline_stop}, {NULL, NULL}};
+    {"readline_stop", l_readline_stop}, {"readline_hide", l_readline_hide},
+    {"readline_show", l_readline_show}, {NULL, NULL}};
   luaL_setfuncs(L, fns, 0);
 }

@@ -63,14 +63,25 @@ function M.start(cluster, options)
       return
     end
     buffer = nil
-    core.readline_prompt(prompt)
-    if not fn then report(err) return end
-    local results = table.pack(xpcall(fn, debug.traceback))
-    if results[1] then
-      print_results(results.n - 1, table.unpack(results, 2, results.n))
+    if fn then
+      local results = table.pack(xpcall(fn, debug.traceback))
+      if results[1] then
+        print_results(results.n - 1, table.unpack(results, 2, results.n))
+      else
+        report(results[2])
+      end
     else
-      report(results[2])
+      report(err)
     end
+    core.readline_prompt(prompt)
+  end
+
+  -- output from listeners while the user types: clear the edited line, print, redraw
+  local plain_print = print
+  print = function(...)
+    core.readline_hide()
+    plain_print(...)
+    core.readline_show()
   end
 
   core.readline_start(prompt, on_line)
@@ -83,6 +94,7 @@ function M.start(cluster, options)
     end
   end
   core.readline_stop()
+  print = plain_print
 end
 
 return M
