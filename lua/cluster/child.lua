@@ -24,6 +24,8 @@ function M.install(cluster, id)
   core.setenv(require("cluster.master").WORKER_ENV, nil)
 
   local channel = assert(core.channel_open(core.CHANNEL_FD))
+  -- output piped to the master (silent) arrives line by line, not when a buffer fills
+  io.stdout:setvbuf("line")
   core.watch_parent(master_pid, 500)
 
   local connected = true
