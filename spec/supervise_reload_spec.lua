@@ -148,6 +148,15 @@ describe("supervise: rolling reload", function()
     local err, called = nil, 0
     cluster.reload(function(e) err, called = e, called + 1 end)
     assert.is_true(H.wait_until(rec.has("reloadFailed"), 5000), rec.dump())
+    -- until the new generation is gone, and a little more
+    assert.is_true(H.wait_until(function()
+      for _, e in ipairs(rec.all("fork")) do
+        local is_old = false
+        for _, id in ipairs(old) do if id == e.id then is_old = true end end
+        if not is_old and rec.count("exit", { id = e.id }) == 0 then return false end
+      end
+      return true
+    end, 5000), rec.dump())
     H.run_for(300)
     assert.equal(1, called)
     assert.truthy(err, "reload called back without an error")
@@ -197,6 +206,10 @@ describe("supervise: rolling reload", function()
 
   it("stops when a new worker misses readiness: the old workers stay and serve, 'reloadFailed'", function()
     failing_generation("never", { readyTimeout = 400 })
+  end)
+
+  it("stops when a new worker's ready() arrives after its readyTimeout: the old workers stay", function()
+    failing_generation("late", { readyTimeout = 1000 })
   end)
 end)
 

@@ -129,7 +129,8 @@ function M.install(cluster)
   local supervised_fork -- forward
 
   local function mark_ready(worker)
-    if worker._ready or worker:isDead() then return end
+    -- too late: a worker that missed its readyTimeout, or is being stopped, stays not ready
+    if worker._ready or worker._failedStart or worker._stopping or worker:isDead() then return end
     worker._ready = true
     worker._readyAt = now()
     if worker._readyTimer then loop.clearTimeout(worker._readyTimer) worker._readyTimer = nil end
