@@ -69,8 +69,17 @@ describe("supervise: crash loops", function()
     H.finish()
   end)
 
-  it("\"hold\": no more restarts, the master stays up, says so on stderr and fires 'hold'", function()
-    local m = R.start_master(H, chunk [[ onCrashLoop = function() return "hold" end, ]])
+  it("\"hold\": no more restarts, the master stays up, says so on stderr and fires 'hold'; SIGHUP or SIGTTIN resumes", function()
+    local control = H.tmpname("control")
+    R.write(control, "crash")
+    local m = R.start_master(H, [[
+      return {
+        workers = 1, restart = "permanent", readiness = "explicit", env = { SUP_CONTROL = "]] .. control .. [[" },
+        backoff = { initial = 10, factor = 1, max = 10, reset = 60000 },
+        intensity = 3, period = 10, grace = 100, killTimeout = 100,
+        onCrashLoop = function() return "hold" end,
+      }
+    ]])
     assert.is_true(H.wait_until(m.has("hold"), 5000), m.output())
     assert.equal(1, m.count("crashloop", { verdict = "hold" }))
     local forks = m.count("fork")
@@ -84,11 +93,30 @@ describe("supervise: crash loops", function()
     assert.truthy(H.read_file(m.err):find("crash loop", 1, true), m.output())
     assert.truthy(H.read_file(m.err):find("holding", 1, true), m.output())
     assert.is_true(all_gone(m.pids()))
-    -- SIGTTIN (scale up by one) ends the hold
+    -- the code is fixed; SIGHUP (a reload) brings the configured worker back
+    R.write(control, "ready")
+    core.kill(m.pid, "SIGHUP")
+    assert.is_true(H.wait_until(m.has("ready"), 3000), m.output())
+    assert.is_true(H.wait_until(m.has("reloaded"), 3000), m.output())
+    -- SIGTTIN (scale up by one) works from there
+    core.kill(m.pid, "SIGTTIN")
+    assert.is_true(H.wait_until(m.has("ready", 2), 3000), m.output())
+    core.kill(m.pid, "SIGTERM")
+    assert.equal(0, m.wait_exit(), m.output())
+    assert.is_true(H.wait_until(function() return all_gone(m.pids()) end, 2000))
+    H.cleanup_master(m)
+    os.remove(control)
+    H.finish()
+  end)
+
+  it("\"hold\" then SIGTTIN: scaling resumes restarts", function()
+    local m = R.start_master(H, chunk [[ onCrashLoop = function() return "hold" end, ]])
+    assert.is_true(H.wait_until(m.has("hold"), 5000), m.output())
+    local forks = m.count("fork")
     core.kill(m.pid, "SIGTTIN")
     assert.is_true(H.wait_until(function() return m.count("fork") > forks end, 3000), m.output())
     core.kill(m.pid, "SIGTERM")
-    assert.equal(0, m.wait_exit())
+    assert.equal(0, m.wait_exit(), m.output())
     assert.is_true(H.wait_until(function() return all_gone(m.pids()) end, 2000))
     H.cleanup_master(m)
     H.finish()

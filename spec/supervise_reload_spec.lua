@@ -125,7 +125,11 @@ describe("supervise: rolling reload", function()
     cluster.on("fork", function() starting = starting + 1 most = math.max(most, starting) end)
     cluster.on("ready", function() starting = starting - 1 end)
     local done = false
-    cluster.reload(function(err) assert.is_nil(err) done = true end)
+    assert.is_true(cluster.reload(function(err) assert.is_nil(err) done = true end))
+    -- one reload at a time: a second one returns false and calls back with an error
+    local second
+    assert.is_false(cluster.reload(function(err) second = err end))
+    assert.is_true(H.wait_until(function() return second ~= nil end, 1000))
     assert.is_true(H.wait_until(function() return done end, 10000), rec.dump())
     assert.equal(2, most)
     assert.equal(4, rec.all("reloaded")[1].replaced)

@@ -31,7 +31,8 @@ M.defaults = {
   killTimeout = 5000,       -- ms after SIGTERM before SIGKILL
   reload = { concurrency = 1 },
   watchdog = nil,           -- { interval = 1000, timeout = 5000, action = "restart" | function(worker, ms) }
-  recycle = nil,            -- { maxRss = bytes, maxConnections = n, maxAge = ms, jitter = 0.2, check = 1000 }
+  recycle = nil,            -- { maxRss = bytes, maxConnections = n, maxAge = ms, check = 1000 (ms between checks),
+                            --   jitter = 0.2 (limits raised by up to 20% per worker), jitterMs = 1000 (random wait before replacing) }
   output = true,            -- print silent workers' lines prefixed; false: only the 'output' event
   signals = true,           -- SIGTERM/SIGINT shutdown, SIGHUP reload, SIGTTIN/SIGTTOU scale
   shutdownExitCode = 0,     -- the master's exit code after a signal-initiated shutdown
@@ -510,6 +511,9 @@ function M.install(cluster)
     local index, active, replaced, failed = 0, 0, 0, false
     sup.reloading = true
     cluster:emit("reload", "start", { workers = total })
+    -- fewer workers than configured (after a crash loop's hold): start the missing ones,
+    -- already of the new generation
+    for _ = total + sup.pendingRespawns + 1, sup.opts.workers do supervised_fork(sup.opts.env, 0) end
 
     local finish
     local function next_batch()
