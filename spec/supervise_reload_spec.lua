@@ -82,7 +82,6 @@ describe("supervise: rolling reload", function()
     assert.equal(1, done_called)
     assert.equal(0, seq.failed, table.concat(seq.failures, "\n"))
     assert.equal(0, conc.failed, table.concat(conc.failures, "\n"))
-    if os.getenv("SUP_TRACE") then print("requests", seq.ok, conc.ok) end
     assert.is_true(seq.ok > 10 and conc.ok > 50, "too few requests to show anything: " .. seq.ok .. ", " .. conc.ok)
     assert.equal(1, rec.count("reloaded"))
     assert.equal(3, rec.all("reloaded")[1].replaced)

@@ -40,20 +40,16 @@ end
 
 -- Starts the supervisor, ends worker 1 with exit 0, worker 2 with exit 3, worker 3 with
 -- SIGKILL; returns the record and the first generation's exit times per id.
-local T = function(s) if os.getenv("SUP_TRACE") then io.stderr:write(string.format("%.0f %s\n", R.now(), s)) end end
 local function run_case(restart, settle_ms)
-  T("start")
   local rec = R.record(cluster)
   cluster.supervise(options(restart))
   assert.is_true(H.wait_until(rec.has("ready", 3), 5000), rec.dump())
-  T("ready")
   local ws = sorted_workers()
   assert.equal(3, #ws)
   ws[1]:send({ cmd = "exit", code = 0 })
   ws[2]:send({ cmd = "exit", code = 3 })
   ws[3]:kill("SIGKILL")
   assert.is_true(H.wait_until(rec.has("exit", 3), 3000), rec.dump())
-  T("exited")
   -- give the decisions time to show (respawns, and none where none is due)
   H.run_for(settle_ms or 300)
   return rec, ws

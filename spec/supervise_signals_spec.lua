@@ -55,6 +55,27 @@ describe("signals as events", function()
     H.finish()
   end)
 
+  it("a script's signal listeners keep working after cluster.shutdown()", function()
+    local m = R.start_master(H, [[
+      local cluster = ...
+      cluster.on("SIGUSR2", function(name) print("GOT " .. name) end)
+      cluster.on("SIGUSR1", function() cluster.shutdown(function() print("SHUTDOWN DONE") end) end)
+      cluster.setInterval(function() end, 1000) -- stays up after the shutdown
+      return { workers = 1, readiness = "explicit", env = { SUP_MODE = "ready" }, grace = 500, killTimeout = 500 }
+    ]])
+    assert.is_true(H.wait_until(m.has("ready"), 5000), m.output())
+    core.kill(m.pid, "SIGUSR1")
+    assert.is_true(H.wait_until(function() return (H.read_file(m.out) or ""):find("SHUTDOWN DONE\n", 1, true) end, 3000), m.output())
+    core.kill(m.pid, "SIGUSR2")
+    assert.is_true(H.wait_until(function() return (H.read_file(m.out) or ""):find("GOT SIGUSR2\n", 1, true) end, 3000), m.output())
+    H.run_for(100)
+    assert.is_true(H.alive(m.pid), "the master died of SIGUSR2: " .. tostring(H.master_status(m)))
+    core.kill(m.pid, "SIGKILL")
+    m.wait_exit()
+    H.cleanup_master(m)
+    H.finish()
+  end)
+
   it("a worker handles a signal with cluster.on too (the stubborn fixture ignores SIGTERM)", function()
     cluster.setupMaster { exec = H.fixture("sup_worker.lua"), args = {}, silent = true }
     local lines = {}

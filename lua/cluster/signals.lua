@@ -51,13 +51,13 @@ function M.install(cluster)
     update(name)
   end
 
-  --- Stops watching every signal (so the loop can end after a shutdown).
+  --- Drops the supervisor's default actions (after a shutdown); signals the script
+  -- listens for stay watched.
   function cluster._closeSignals()
-    for name, w in pairs(watchers) do
-      w:close()
-      watchers[name] = nil
-    end
+    local names = {}
+    for name in pairs(defaults) do names[#names + 1] = name end
     defaults = {}
+    for _, name in ipairs(names) do update(name) end
   end
 end
 
