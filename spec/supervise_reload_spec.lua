@@ -142,7 +142,7 @@ describe("supervise: rolling reload", function()
     H.finish()
   end)
 
-  local function failing_generation(mode, extra)
+  local function failing_generation(mode, extra, tries)
     local rec = start(2, extra)
     local old = live_ids()
     local old_pids = {}
@@ -168,14 +168,15 @@ describe("supervise: rolling reload", function()
     assert.equal(2, info.workers)
     assert.truthy(info.reason)
     assert.equal(0, rec.count("reloaded"))
-    -- the reload stopped at the first failure: one new worker tried, not respawned
+    -- the reload stopped at the first failure: one new worker tried (one per concurrent
+    -- slot), not respawned
     local tried = {}
     for _, e in ipairs(rec.all("fork")) do
       local is_old = false
       for _, id in ipairs(old) do if id == e.id then is_old = true end end
       if not is_old then tried[#tried + 1] = e.id end
     end
-    assert.equal(1, #tried, rec.dump())
+    assert.equal(tries or 1, #tried, rec.dump())
     assert.equal(0, rec.count("respawn"), rec.dump())
     -- the old workers stay, alive and serving
     assert.same(old, live_ids())
@@ -209,6 +210,28 @@ describe("supervise: rolling reload", function()
 
   it("stops when a new worker misses readiness: the old workers stay and serve, 'reloadFailed'", function()
     failing_generation("never", { readyTimeout = 400 })
+  end)
+
+  it("stops when new workers replaced two at a time both crash: the old workers stay and serve", function()
+    failing_generation("crash", { reload = { concurrency = 2 } }, 2)
+  end)
+
+  it("respawns an old worker that died while its replacement was failing", function()
+    local rec = start(2, { readyTimeout = 600 })
+    local old = live_ids()
+    R.write(control, "never")
+    -- the replacement's failure is what releases the dead old worker: the generation
+    -- after it works again
+    cluster.once("reloadFailed", function() R.write(control, "serve") end)
+    cluster.reload()
+    cluster.workers[old[1]]:kill("SIGKILL")
+    assert.is_true(H.wait_until(rec.has("reloadFailed"), 5000), rec.dump())
+    assert.is_true(H.wait_until(rec.has("respawn", 1, { replaced = old[1] }), 3000), rec.dump())
+    local new = rec.all("respawn", { replaced = old[1] })[1].id
+    assert.is_true(H.wait_until(rec.has("ready", 1, { id = new }), 3000), rec.dump())
+    assert.same({ old[2], new }, live_ids())
+    shutdown()
+    H.finish()
   end)
 
   it("stops when a new worker's ready() arrives after its readyTimeout: the old workers stay", function()

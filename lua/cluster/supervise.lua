@@ -278,6 +278,7 @@ function M.install(cluster)
 
   local function on_exit(worker, code, signal)
     if not sup or not worker._supervised then return end
+    worker._exitCode, worker._exitSignal = code, signal
     if worker._readyTimer then loop.clearTimeout(worker._readyTimer) worker._readyTimer = nil end
     if worker._stableTimer then loop.clearTimeout(worker._stableTimer) worker._stableTimer = nil end
     if worker._exitHook then worker._exitHook(worker, code, signal) end
@@ -311,6 +312,13 @@ function M.install(cluster)
     respawn_later(worker, delay)
   end
 
+  -- A worker that was being replaced (reload, recycle) goes back to plain supervision
+  -- because its replacement failed; if it died meanwhile, its exit is decided now.
+  local function release(worker)
+    worker._replaced = nil
+    if worker:isDead() and sup and sup.running then on_exit(worker, worker._exitCode, worker._exitSignal) end
+  end
+
   -- ---------------------------------------------------------------------------
   -- the periodic check: watchdog and recycling
 
@@ -329,9 +337,9 @@ function M.install(cluster)
       if w._replaceFailed then return end
       w._replaceFailed = true
       w._stopping = true
-      worker._replaced = nil
       sup.failures = sup.failures + 1
       worker._recycleAfter = now() + backoff_delay()
+      release(worker)
     end
     w._onReadyTimeout = failed
     w._exitHook = function() if not w._ready then failed() end end
@@ -525,6 +533,8 @@ function M.install(cluster)
           o._replaced = true
           local new = supervised_fork(o.env, o._restarts)
           new._onReady = function()
+            if new._reloadSettled then return end
+            new._reloadSettled = true
             -- the old worker leaves distribution at once (disconnect), then drains
             stop_worker(o)
             replaced = replaced + 1
@@ -537,11 +547,12 @@ function M.install(cluster)
             if not new._ready then new._onReadyTimeout(new) end
           end
           new._onReadyTimeout = function()
-            if failed then return end
+            if new._reloadSettled then return end
+            new._reloadSettled = true
             failed = true
-            o._replaced = nil
+            new._stopping = true -- not respawned: the old worker stays
             active = active - 1
-            new._stopping = true
+            release(o)
             finish()
           end
         end
