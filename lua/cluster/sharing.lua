@@ -30,8 +30,14 @@ local function bind_error(code, msg)
   }
 end
 
+-- The contract's error object (with errno, as net's own errors have) from a reply's err.
 local function as_error(t)
-  return errors.new(t.code, t.syscall, t.message, { address = t.address, port = t.port, path = t.path, errno = t.errno })
+  local fields = { address = t.address, port = t.port, path = t.path }
+  local ok, e = pcall(core.error_object, t.code, t.syscall)
+  if not ok then return errors.new(t.code, t.syscall, t.message, fields) end
+  e.message = t.message
+  for k, v in pairs(fields) do e[k] = v end
+  return e
 end
 
 -- ---------------------------------------------------------------------------
@@ -90,7 +96,7 @@ end
 
 function M.installMaster(cluster)
   local internal = cluster._internal
-  local entries = {}        -- key -> {key=, rr=|handle=, workers={[id]=worker}, path=, unlink=}
+  local entries = {}        -- key -> {key=, rr=|handle=, workers={[id]=worker}, path=, cwd=}
 
   local function count_entries()
     local n = 0
@@ -99,13 +105,46 @@ function M.installMaster(cluster)
   end
   cluster._sharedHandleCount = count_entries
 
+  -- Runs fn in directory cwd (nil: where we are) and comes back; fn's results, or the
+  -- chdir error triple when cwd is unreachable.
+  local function with_cwd(cwd, fn)
+    if not cwd then return fn() end
+    local here = core.cwd()
+    local ok, msg, code = core.chdir(cwd)
+    if not ok then return nil, msg, code end
+    local a, b, c = fn()
+    core.chdir(here)
+    return a, b, c
+  end
+
+  -- The name to bind a worker's unix path by, and the directory to bind (and close) it
+  -- in. A relative path is the worker's, not the master's: it is made absolute when that
+  -- fits in sun_path, else bound from the worker's cwd (Node's relative-path test).
+  local SUN_PATH_MAX = 107
+  local function bind_name(msg)
+    local path = msg.path
+    if path:sub(1, 1) == "/" or not msg.cwd then return path, nil end
+    local absolute = msg.cwd .. "/" .. path
+    if #absolute <= SUN_PATH_MAX then return absolute, nil end
+    return path, msg.cwd
+  end
+
   local function close_entry(entry)
     entries[entry.key] = nil
     local h = entry.rr or entry.handle
-    h:close(function()
-      if entry.unlink then os.remove(entry.unlink) end
-      cluster._checkAllDisconnected()
-    end)
+    local closed = false
+    local function close()
+      closed = true
+      h:close(function() cluster._checkAllDisconnected() end)
+    end
+    -- libuv unlinks a bound unix path while closing, by the name it was bound by: close
+    -- in the directory it was bound in. If that is gone, close from a directory where
+    -- no unlink can succeed rather than from ours, where a same-named file may live.
+    if entry.cwd then
+      with_cwd(entry.cwd, close)
+      if not closed then with_cwd("/proc", close) end
+    end
+    if not closed then close() end
   end
 
   -- The worker leaves the key. gone: its channel closed, so unanswered connections
@@ -138,24 +177,15 @@ function M.installMaster(cluster)
     return n
   end
 
-  local function with_cwd(cwd, fn)
-    if not cwd then return fn() end
-    local here = core.cwd()
-    core.chdir(cwd)
-    local a, b, c = fn()
-    core.chdir(here)
-    return a, b, c
-  end
-
   local function create(msg)
     local policy = cluster._policy()
     local udp = msg.addressType == "udp4" or msg.addressType == "udp6"
     local entry = { key = msg.key, workers = {} }
     local hosts = msg.address and { msg.address } or { "::", "0.0.0.0" }
-    if msg.path and msg.path:sub(1, 1) ~= "/" then
-      entry.unlink = (msg.cwd or core.cwd()) .. "/" .. msg.path
-    elseif msg.path then
-      entry.unlink = msg.path
+    local name, cwd
+    if msg.path then
+      name, cwd = bind_name(msg)
+      entry.path, entry.cwd = msg.path, cwd
     end
     local last_code
     for _, host in ipairs(hosts) do
@@ -170,19 +200,23 @@ function M.installMaster(cluster)
       elseif policy == cluster.SCHED_RR then
         local r
         if msg.path then
-          r, _, code = with_cwd(msg.cwd, function() return core.rr_listen("pipe", msg.path, 0, msg.backlog) end)
+          r, _, code = with_cwd(cwd, function() return core.rr_listen("pipe", name, 0, msg.backlog) end)
         else
           r, _, code = core.rr_listen("tcp", host, msg.port, msg.backlog, msg.ipv6Only)
         end
         ok = r ~= nil
         entry.rr = r
+      elseif msg.path then
+        ok, _, code = with_cwd(cwd, function()
+          local h = core.pipe_new()
+          local bound, m, c = h:bind(name)
+          if bound then bound, m, c = core.listen_fd(h, msg.backlog) end
+          if bound then entry.handle = h else h:close() end -- in cwd: see close_entry
+          return bound, m, c
+        end)
       else
-        local h = msg.path and core.pipe_new() or core.tcp_new()
-        if msg.path then
-          ok, _, code = with_cwd(msg.cwd, function() return h:bind(msg.path) end)
-        else
-          ok, _, code = h:bind(host, msg.port, { ipv6Only = msg.ipv6Only })
-        end
+        local h = core.tcp_new()
+        ok, _, code = h:bind(host, msg.port, { ipv6Only = msg.ipv6Only })
         if ok then ok, _, code = core.listen_fd(h, msg.backlog) end
         if ok then entry.handle = h else h:close() end
       end
@@ -193,14 +227,13 @@ function M.installMaster(cluster)
       last_code = code
       if code == "EADDRINUSE" or code == "EACCES" then break end
     end
-    if msg.path and last_code ~= "EADDRINUSE" then entry.unlink = nil end
     return nil, last_code
   end
 
   local function sockname(entry)
     local h = entry.rr or entry.handle
     if entry.rr then return h:address() end
-    if entry.unlink or h.getsockname == nil then return nil end
+    if entry.path or h.getsockname == nil then return nil end
     return (h:getsockname())
   end
 
@@ -250,7 +283,7 @@ function M.installWorker(cluster)
   local internal = cluster._internal
   local pending = {}      -- seq -> function(reply, handle)
   local next_seq = 0
-  local listen_counts = {} -- key without index -> listens so far
+  local listen_counts = {} -- key without index -> {[index] = true} of open listens
   local rr_servers = {}   -- rr id -> server
   local shared = {}       -- server or socket -> key, the open shared objects
 
@@ -274,11 +307,24 @@ function M.installWorker(cluster)
     cluster.worker:emit("message", msg.msg, obj)
   end
 
-  local function make_key(address, port, address_type)
+  -- The key of the n-th open listen on an address: n is the lowest index not in use by
+  -- this worker's open (or pending) listens on it, so a server that closes and listens
+  -- again meets the other workers' same listen (Node's removeIndexesKey). Returns the
+  -- key and a function that gives the index back.
+  local function take_key(address, port, address_type)
     local base = table.concat({ tostring(address), tostring(port), tostring(address_type), "-1" }, ":")
-    local index = (listen_counts[base] or 0) + 1
-    listen_counts[base] = index
-    return base .. ":" .. index
+    local used = listen_counts[base] or {}
+    listen_counts[base] = used
+    local index = 1
+    while used[index] do index = index + 1 end
+    used[index] = true
+    local released = false
+    return base .. ":" .. index, function()
+      if released then return end
+      released = true
+      used[index] = nil
+      if next(used) == nil and listen_counts[base] == used then listen_counts[base] = nil end
+    end
   end
 
   local function report_listening(address_type, sockname, path)
@@ -306,21 +352,39 @@ function M.installWorker(cluster)
 
   function cluster._shareListen(server, opts)
     local address_type = opts.path and -1 or address_type_of(opts.host)
-    local key = make_key(opts.path or opts.host, opts.port, address_type)
+    local cwd, where = nil, opts.host
+    if opts.path then
+      -- a relative path names a socket in this worker's cwd: two workers in different
+      -- directories listening on "s.sock" are two sockets
+      where = opts.path
+      if opts.path:sub(1, 1) ~= "/" then
+        cwd = core.cwd()
+        if not cwd then
+          loop.defer(function()
+            server:_emitError(as_error(bind_error("ENOENT", { path = opts.path })))
+          end)
+          return
+        end
+        where = cwd .. "/" .. opts.path
+      end
+    end
+    local key, release_key = take_key(where, opts.port, address_type)
     query({
       key = key, address = opts.host, port = opts.port, addressType = address_type,
-      path = opts.path, cwd = opts.path and core.cwd() or nil, backlog = opts.backlog,
+      path = opts.path, cwd = cwd, backlog = opts.backlog,
       ipv6Only = opts.ipv6Only,
     }, function(reply, handle)
       if reply.err then
+        release_key()
         server:_emitError(as_error(reply.err))
         return
       end
       shared[server] = key
       local previous_on_close = server._onClose
       server._onClose = function(s)
-        if shared[s] then
+        if shared[s] == key then
           shared[s] = nil
+          release_key()
           if reply.rr then rr_servers[reply.rr] = nil cluster._release() end
           cluster._sendInternal(nil, { act = "close", key = key })
         end
@@ -333,6 +397,7 @@ function M.installWorker(cluster)
         server:_setListening(opts.path or reply.sockname)
       elseif not server:_adoptHandle(handle) then
         shared[server] = nil
+        release_key()
         cluster._sendInternal(nil, { act = "close", key = key })
         return
       end
@@ -347,12 +412,13 @@ function M.installWorker(cluster)
 
   function cluster._shareBind(socket, opts)
     local address_type = opts.type
-    local key = make_key(opts.address, opts.port, address_type)
+    local key, release_key = take_key(opts.address, opts.port, address_type)
     query({
       key = key, address = opts.address, port = opts.port, addressType = address_type,
       reuseAddr = opts.reuseAddr, ipv6Only = opts.ipv6Only,
     }, function(reply, handle)
       if reply.err then
+        release_key()
         socket:_failBind(as_error(reply.err))
         return
       end
@@ -360,6 +426,7 @@ function M.installWorker(cluster)
       socket._onClose = function(s)
         if shared[s] then
           shared[s] = nil
+          release_key()
           cluster._sendInternal(nil, { act = "close", key = key })
         end
       end

@@ -1,0 +1,748 @@
+-- Port sharing under SCHED_RR (the default): workers listen through the master, which
+-- accepts and hands each connection to a worker (csrc/rr.c). Real sockets on loopback
+-- and unix paths. Ports of Node's test-cluster-listening-port, -net-listen,
+-- -net-listen-relative-path, -dgram-1, -dgram-2, -dgram-reuse, -eaddrinuse,
+-- -bind-twice, -bind-privileged-port, -server-restart-rr, -rr-domain-listen,
+-- -accept-fail, -net-server-drop-connection, -send-deadlock, -send-handle-twice,
+-- -worker-wait-server-close, -worker-no-exit, -disconnect.
+local cluster = require "cluster"
+local net = require "cluster.net"
+local dgram = require "cluster.dgram"
+local core = require "cluster.core"
+local H = require "helper"
+local S = require "fixtures.share_lib"
+
+local HAS_IPV6 = S.has_ipv6()
+local LOCAL = { host = "127.0.0.1" }
+
+local function at(port, host) return { port = port, host = host or "127.0.0.1" } end
+
+-- every local server/socket a spec opens, closed in after_each
+local opened, dirs = {}, {}
+local function track(obj) opened[#opened + 1] = obj return obj end
+
+local function local_server(port, host, on_conn)
+  local s = track(net.createServer(on_conn or function(c) c:destroy() end))
+  local ready, err = false, nil
+  s:on("error", function(e) err = e end)
+  s:listen(port or 0, host or "127.0.0.1", function() ready = true end)
+  assert.is_true(H.wait_until(function() return ready or err ~= nil end, 3000))
+  assert.is_nil(err)
+  return s, s:address().port
+end
+
+-- waits for one client connection to end: returns its record
+local function ask(opts, send, keep)
+  local r = S.client(opts, send, keep)
+  assert.is_true(H.wait_until(function() return r.done end, 5000), "the connection never closed")
+  return r
+end
+
+local function answered_by(r) return math.tointeger(tonumber(r.data:match("^(%d+)\n"))) end
+
+local function pids_of(list)
+  local set = {}
+  for _, w in ipairs(list) do set[w.process.pid] = w end
+  return set
+end
+
+local wait_exit = S.wait_exit
+
+local function ss_backlog(port)
+  local p = io.popen("ss -Hltn 'sport = :" .. port .. "' 2>/dev/null")
+  local out = p:read("a")
+  p:close()
+  local recvq, sendq = out:match("LISTEN%s+(%d+)%s+(%d+)")
+  return sendq and math.tointeger(tonumber(sendq))
+end
+
+describe("sharing, SCHED_RR", function()
+  before_each(function()
+    H.setup()
+    opened, dirs = {}, {}
+  end)
+  after_each(function()
+    for _, obj in ipairs(opened) do
+      if getmetatable(obj) == net.Server then
+        if obj.listening then pcall(S.close_local, obj) end
+      elseif getmetatable(obj) == dgram.Socket then
+        pcall(obj.close, obj)
+      elseif not obj.destroyed then
+        obj:destroy()
+      end
+    end
+    H.teardown()
+    for _, d in ipairs(dirs) do S.rmdir(d) end
+    H.run_for(10)
+  end)
+
+  it("is the default policy", function()
+    assert.equal(cluster.SCHED_RR, cluster.schedulingPolicy)
+  end)
+
+  describe("listen in a worker", function()
+    it("listening-port (Node test-cluster-listening-port): 'listening' reaches the worker, then the cluster, with the real port and addressType 4, 6, -1, udp4, udp6", function()
+      local w = S.fork(1)[1]
+      local seen = {}
+      w:on("listening", function(a) seen[#seen + 1] = { "worker", a } end)
+      cluster.on("listening", function(cw, a)
+        assert.equal(w, cw)
+        seen[#seen + 1] = { "cluster", a }
+      end)
+      local function last_pair(n)
+        assert.is_true(H.wait_until(function() return #seen >= 2 * n end, 3000))
+        local a, b = seen[2 * n - 1], seen[2 * n]
+        assert.equal("worker", a[1])
+        assert.equal("cluster", b[1])
+        assert.same(a[2], b[2])
+        return b[2]
+      end
+      local n = 0
+
+      local r = S.listen(w, "v4", at(0))
+      n = n + 1
+      local a = last_pair(n)
+      assert.same({ address = "127.0.0.1", port = r.address.port, addressType = 4 }, a)
+      assert.is_true(a.port > 0)
+      assert.equal("listening", w.state)
+
+      if HAS_IPV6 then
+        r = S.listen(w, "v6", at(0, "::1"))
+        n = n + 1
+        a = last_pair(n)
+        assert.same({ address = "::1", port = r.address.port, addressType = 6 }, a)
+        assert.is_true(a.port > 0)
+      end
+
+      local dir = S.tmpdir()
+      dirs[#dirs + 1] = dir
+      local path = dir .. "/lp.sock"
+      r = S.listen(w, "unix", { path = path })
+      assert.equal("listening", r.ev)
+      n = n + 1
+      a = last_pair(n)
+      assert.same({ address = path, addressType = -1 }, a)
+
+      w:send({ cmd = "bind", tag = "u4", address = "127.0.0.1" })
+      local b = assert(S.take(w, "bound", "u4"))
+      n = n + 1
+      a = last_pair(n)
+      assert.same({ address = "127.0.0.1", port = b.address.port, addressType = "udp4" }, a)
+      assert.is_true(a.port > 0)
+
+      if HAS_IPV6 then
+        w:send({ cmd = "bind", tag = "u6", type = "udp6", address = "::1" })
+        b = assert(S.take(w, "bound", "u6"))
+        n = n + 1
+        a = last_pair(n)
+        assert.same({ address = "::1", port = b.address.port, addressType = "udp6" }, a)
+      end
+    end)
+
+    it("listen(0) with no host reports a real port and addressType 4 or 6", function()
+      local w = S.fork(1)[1]
+      local got
+      cluster.on("listening", function(_, a) got = a end)
+      local r = S.listen(w, "any", { port = 0 })
+      assert.equal("listening", r.ev)
+      assert.is_true(H.wait_until(function() return got ~= nil end, 3000))
+      assert.equal(r.address.port, got.port)
+      assert.is_true(got.port > 0)
+      assert.is_true(got.addressType == 4 or got.addressType == 6)
+      assert.equal(w.process.pid, answered_by(ask(at(got.port))))
+    end)
+
+    it("net-listen (Node test-cluster-net-listen): the n-th listen(0) in every worker gets the same port, and each port serves", function()
+      local ws = S.fork(2)
+      local first = S.listen_all(ws, "a", at(0))
+      local second = S.listen_all(ws, "b", at(0))
+      assert.equal(first[1].address.port, first[2].address.port)
+      assert.equal(second[1].address.port, second[2].address.port)
+      assert.are_not.equal(first[1].address.port, second[1].address.port)
+      local pids = pids_of(ws)
+      for _, port in ipairs { first[1].address.port, second[1].address.port } do
+        local by = S.tally(S.clients(10, at(port), 1))
+        for pid, count in pairs(by) do
+          assert.is_truthy(pids[pid])
+          assert.is_true(count > 0)
+        end
+      end
+    end)
+
+    it("exclusive=true bypasses the master: each worker's listen(0) gets its own port and serves it alone", function()
+      local ws = S.fork(2)
+      local rs = S.listen_all(ws, "x", { port = 0, host = "127.0.0.1", exclusive = true })
+      assert.are_not.equal(rs[1].address.port, rs[2].address.port)
+      for i, w in ipairs(ws) do
+        local by, total = S.tally(S.clients(6, at(rs[i].address.port), 2))
+        assert.equal(6, total)
+        assert.same({ [w.process.pid] = 6 }, by)
+      end
+    end)
+
+    it("ipv6Only passes through: a shared listen on :: with ipv6Only leaves the IPv4 port free, without it the port is taken", function()
+      if not HAS_IPV6 then pending("no IPv6 on this host") return end
+      local w = S.fork(1)[1]
+      local only = S.listen(w, "only", { port = 0, host = "::", ipv6Only = true })
+      assert.equal("listening", only.ev)
+      local s = local_server(only.address.port, "0.0.0.0")
+      assert.equal(only.address.port, s:address().port)
+      assert.equal(w.process.pid, answered_by(ask(at(only.address.port, "::1"))))
+
+      local dual = S.listen(w, "dual", { port = 0, host = "::" })
+      assert.equal("listening", dual.ev)
+      local probe = track(net.createServer())
+      local err
+      probe:on("error", function(e) err = e end)
+      probe:listen(dual.address.port, "0.0.0.0")
+      assert.is_true(H.wait_until(function() return err ~= nil end, 3000))
+      assert.equal("EADDRINUSE", err.code)
+    end)
+
+    it("backlog passes through to the master's listening socket", function()
+      if not ss_backlog(22) and not os.execute("command -v ss >/dev/null") then pending("no ss(8)") return end
+      local w = S.fork(1)[1]
+      local r = S.listen(w, "b", { port = 0, host = "127.0.0.1", backlog = 7 })
+      assert.equal(7, ss_backlog(r.address.port))
+      local r2 = S.listen(w, "c", at(0), nil)
+      assert.equal(511, ss_backlog(r2.address.port))
+    end)
+
+    it("net-listen-relative-path (Node test-cluster-net-listen-relative-path): a relative unix path, over 100 bytes absolute, is bound in the worker's cwd and removed when the last worker closes it", function()
+      local dir = S.tmpdir()
+      dirs[#dirs + 1] = dir
+      local sockdir = dir .. "/unix-socket-dir"
+      assert(os.execute("mkdir " .. H.shell_quote(sockdir)))
+      local name = string.rep("A", 100 - #"./unix-socket-dir" - 1)
+      assert.is_true(#(sockdir .. "/" .. name) > 100)
+      local ws = S.fork(2)
+      for _, w in ipairs(ws) do
+        w:send({ cmd = "chdir", dir = sockdir })
+        assert.is_true(assert(S.take(w, "chdir")).ok)
+      end
+      local rs = S.listen_all(ws, "rel", { path = name })
+      assert.equal("listening", rs[1].ev)
+      assert.equal("listening", rs[2].ev)
+      assert.is_true(S.exists(sockdir .. "/" .. name), "socket not created in the worker's cwd")
+      assert.is_false(S.exists(H.ROOT .. "/" .. name), "socket created in the master's cwd")
+      -- connect through the relative name (the absolute one is too long for sun_path)
+      local here = core.cwd()
+      core.chdir(sockdir)
+      local r = S.client({ path = name })
+      core.chdir(here)
+      assert.is_true(H.wait_until(function() return r.done end, 5000))
+      assert.is_truthy(pids_of(ws)[answered_by(r)])
+
+      S.close(ws[1], "rel")
+      assert.is_true(S.exists(sockdir .. "/" .. name), "removed while a worker still listens")
+      S.close(ws[2], "rel")
+      assert.is_true(H.wait_until(function() return not S.exists(sockdir .. "/" .. name) end, 3000),
+        "socket file left behind after the last worker closed it")
+    end)
+
+    it("relative unix paths of workers in different directories are different sockets", function()
+      local dir = S.tmpdir()
+      dirs[#dirs + 1] = dir
+      local a, b = dir .. "/a", dir .. "/b"
+      assert(os.execute("mkdir " .. H.shell_quote(a) .. " " .. H.shell_quote(b)))
+      local ws = S.fork(2)
+      ws[1]:send({ cmd = "chdir", dir = a })
+      ws[2]:send({ cmd = "chdir", dir = b })
+      assert(S.take(ws[1], "chdir"))
+      assert(S.take(ws[2], "chdir"))
+      local rs = S.listen_all(ws, "same", { path = "s.sock" })
+      assert.equal("listening", rs[1].ev)
+      assert.equal("listening", rs[2].ev)
+      assert.is_true(S.exists(a .. "/s.sock"))
+      assert.is_true(S.exists(b .. "/s.sock"))
+      assert.equal(ws[1].process.pid, answered_by(ask({ path = a .. "/s.sock" })))
+      assert.equal(ws[2].process.pid, answered_by(ask({ path = b .. "/s.sock" })))
+    end)
+
+    it("closing a worker's relative unix socket never unlinks a same-named file in the master's cwd", function()
+      local dir = S.tmpdir()
+      dirs[#dirs + 1] = dir
+      local wdir, mdir = dir .. "/worker", dir .. "/master"
+      assert(os.execute("mkdir " .. H.shell_quote(wdir) .. " " .. H.shell_quote(mdir)))
+      local decoy = io.open(mdir .. "/decoy.sock", "w")
+      decoy:write("keep me")
+      decoy:close()
+      local w = S.fork(1)[1]
+      w:send({ cmd = "chdir", dir = wdir })
+      assert(S.take(w, "chdir"))
+      local here = core.cwd()
+      local ok, err = pcall(function()
+        core.chdir(mdir)
+        assert.equal("listening", S.listen(w, "d", { path = "decoy.sock" }).ev)
+        S.close(w, "d")
+        H.run_for(50)
+      end)
+      core.chdir(here)
+      assert(ok, err)
+      assert.equal("keep me", H.read_file(mdir .. "/decoy.sock"))
+      assert.is_false(S.exists(wdir .. "/decoy.sock"))
+    end)
+
+    it("dgram-1 (Node test-cluster-dgram-1): two workers bind the same UDP port through the master; datagrams to it are received and answered", function()
+      local ws = S.fork(2)
+      local ports = {}
+      for i, w in ipairs(ws) do
+        w:send({ cmd = "bind", tag = "u", port = 0, address = "127.0.0.1" })
+        ports[i] = assert(S.take(w, "bound", "u")).address.port
+      end
+      assert.equal(ports[1], ports[2])
+      local pids = pids_of(ws)
+      for _ = 1, 20 do
+        local who = S.udp_ask(ports[1])
+        assert.is_truthy(who and pids[who], "a datagram was not answered by a worker")
+      end
+    end)
+
+    it("dgram-2 (Node test-cluster-dgram-2): workers send datagrams to a socket the master bound; all arrive", function()
+      local got = 0
+      local s = track(dgram.createSocket("udp4", function() got = got + 1 end))
+      local bound = false
+      s:bind(0, "127.0.0.1", function() bound = true end)
+      assert.is_true(H.wait_until(function() return bound end, 3000))
+      local ws = S.fork(2)
+      for _, w in ipairs(ws) do w:send({ cmd = "udpsend", port = s:address().port, address = "127.0.0.1", n = 10 }) end
+      for _, w in ipairs(ws) do assert(S.take(w, "sent")) end
+      assert.is_true(H.wait_until(function() return got == 20 end, 3000))
+    end)
+
+    it("dgram-reuse (Node test-cluster-dgram-reuse): a worker binds two reuseAddr sockets to the same port, closes both and exits 0", function()
+      local w = S.fork(1)[1]
+      w:send({ cmd = "bind", tag = "a", port = 0, reuseAddr = true })
+      local a = assert(S.take(w, "bound", "a"))
+      w:send({ cmd = "bind", tag = "b", port = a.address.port, reuseAddr = true })
+      local b = assert(S.take(w, "bound", "b"))
+      assert.equal(a.address.port, b.address.port)
+      w:send({ cmd = "closeudp", tag = "a" })
+      w:send({ cmd = "closeudp", tag = "b" })
+      assert(S.take(w, "closed", "a"))
+      assert(S.take(w, "closed", "b"))
+      w:disconnect()
+      assert.equal(0, (wait_exit(w)))
+    end)
+  end)
+
+  describe("round-robin distribution", function()
+    it("spreads connections over the workers", function()
+      local ws = S.fork(2)
+      local port = S.listen_all(ws, "rr", at(0))[1].address.port
+      local by, total = S.tally(S.clients(40, at(port), 1))
+      assert.equal(40, total)
+      for _, w in ipairs(ws) do
+        assert.is_true((by[w.process.pid] or 0) >= 10,
+          ("worker %d got %d of 40"):format(w.id, by[w.process.pid] or 0))
+      end
+    end)
+
+    it("a worker that closed its server gets no more connections; the others get them", function()
+      local ws = S.fork(2)
+      local port = S.listen_all(ws, "rr", at(0))[1].address.port
+      S.close(ws[1], "rr")
+      local by, total = S.tally(S.clients(20, at(port), 4))
+      assert.equal(20, total)
+      assert.same({ [ws[2].process.pid] = 20 }, by)
+    end)
+
+    it("net-server-drop-connection (Node test-cluster-net-server-drop-connection): connections handed to a worker whose server is closing are taken by the others", function()
+      local dir = S.tmpdir()
+      dirs[#dirs + 1] = dir
+      local path = dir .. "/drop.sock"
+      local ws = S.fork(3)
+      S.listen_all(ws, "p", { path = path })
+      -- the close races with the connections already on their way to worker 1
+      ws[1]:send({ cmd = "close", tag = "p" })
+      local by, total, failures = S.tally(S.clients(10, { path = path }))
+      assert.same({}, failures)
+      assert.equal(10, total)
+      assert.is_nil(by[ws[1].process.pid])
+    end)
+
+    it("connections queued or in flight for a worker killed with SIGKILL under load are handed to another worker: 200 of 200 answered", function()
+      local ws = S.fork(2)
+      local port = S.listen_all(ws, "load", at(0))[1].address.port
+      local victim, killed = ws[1], false
+      local records = S.clients(200, at(port), 200, function(n)
+        if n == 40 and not killed then
+          killed = true
+          core.kill(victim.process.pid, "SIGKILL")
+        end
+      end, 20000)
+      local by, total, failures = S.tally(records)
+      assert.is_true(killed)
+      assert.same({}, failures)
+      assert.equal(200, total)
+      assert.is_true((by[ws[2].process.pid] or 0) > 0)
+      assert.is_true((by[victim.process.pid] or 0) < 200)
+      local _, signal = wait_exit(victim)
+      assert.equal("SIGKILL", signal)
+      -- the survivor keeps serving
+      assert.equal(ws[2].process.pid, answered_by(ask(at(port))))
+    end)
+
+    it("when the last worker leaves a key the master closes that listener: connecting then fails", function()
+      local ws = S.fork(2)
+      local port = S.listen_all(ws, "k", at(0))[1].address.port
+      S.close(ws[1], "k")
+      assert.equal(ws[2].process.pid, answered_by(ask(at(port))))
+      S.close(ws[2], "k")
+      H.run_for(20)
+      local r = ask(at(port))
+      assert.is_nil(answered_by(r))
+      assert.equal("ECONNREFUSED", r.err and r.err.code)
+    end)
+
+    it("when the last worker on a key dies the master closes that listener", function()
+      local ws = S.fork(2)
+      local port = S.listen_all(ws, "k", at(0))[1].address.port
+      for _, w in ipairs(ws) do w:kill("SIGKILL") end
+      for _, w in ipairs(ws) do wait_exit(w) end
+      local r = ask(at(port))
+      assert.equal("ECONNREFUSED", r.err and r.err.code)
+    end)
+
+    it("server-restart-rr (Node test-cluster-server-restart-rr): a worker closes and listens again on the port it shares with another worker, then both exit 0", function()
+      local port = S.free_port()
+      local ws = S.fork(2)
+      for _, opts in ipairs { at(0), at(port) } do
+        local rs = S.listen_all(ws, "s" .. opts.port, opts)
+        local shared = rs[1].address.port
+        assert.equal(shared, rs[2].address.port)
+        S.close(ws[2], "s" .. opts.port)
+        local again = S.relisten(ws[2], "s" .. opts.port, opts)
+        assert.equal("listening", again.ev, again.message)
+        assert.equal(shared, again.address.port)
+        local by = S.tally(S.clients(10, at(shared), 1))
+        assert.is_true((by[ws[2].process.pid] or 0) > 0)
+      end
+      ws[2]:disconnect()
+      assert.equal(0, (wait_exit(ws[2])))
+      ws[1]:disconnect()
+      assert.equal(0, (wait_exit(ws[1])))
+    end)
+
+    it("rr-domain-listen (Node test-cluster-rr-domain-listen): a worker killed at its 'listening' exits and its port is released", function()
+      local w = S.fork(1)[1]
+      local port
+      cluster.on("listening", function(cw, a) port = a.port cw:kill() end)
+      w:send({ cmd = "listen", tag = "d", opts = at(0) })
+      local code, signal = wait_exit(w)
+      assert.is_nil(code)
+      assert.equal("SIGTERM", signal)
+      assert.equal("ECONNREFUSED", ask(at(port)).err.code)
+    end)
+
+    it("accept-fail (Node test-cluster-accept-fail): a connection the master cannot accept (EMFILE) is closed, the worker is untouched and the next connection is answered", function()
+      local w = S.fork(1)[1]
+      local port = S.listen(w, "a", at(0)).address.port
+      local me = core.getpid()
+      local list = H.tmpname("fds")
+      local restore = "prlimit --pid " .. me .. " --nofile=" .. 20000 .. ": >/dev/null 2>&1"
+      local soft = io.popen("prlimit --pid " .. me .. " --nofile -o SOFT --noheadings"):read("a"):match("%d+")
+      if not soft then pending("no prlimit(1)") return end
+      restore = "prlimit --pid " .. me .. " --nofile=" .. soft .. ": >/dev/null 2>&1"
+      local r = S.client(at(port))
+      -- the client's socket exists; now no descriptor is left for the master's accept
+      local ok, err = pcall(function()
+        assert(os.execute("ls /proc/" .. me .. "/fd > " .. list))
+        local used = {}
+        for fd in io.lines(list) do used[math.tointeger(tonumber(fd))] = true end
+        local lowest = 0
+        while used[lowest] do lowest = lowest + 1 end
+        assert(os.execute("prlimit --pid " .. me .. " --nofile=" .. lowest .. ": >/dev/null 2>&1"))
+        H.wait_until(function() return r.done end, 3000)
+      end)
+      os.execute(restore)
+      os.remove(list)
+      assert(ok, err)
+      assert.is_true(r.done)
+      assert.is_nil(answered_by(r))
+      assert.is_false(w:isDead())
+      assert.equal(w.process.pid, answered_by(ask(at(port))))
+    end)
+  end)
+
+  describe("errors", function()
+    it("eaddrinuse (Node test-cluster-eaddrinuse): a listen on a port another server holds fails with EADDRINUSE, syscall bind; the master forgets the key and a retry after the port is freed succeeds", function()
+      local hog, port = local_server(0, "127.0.0.1")
+      local w = S.fork(1)[1]
+      local r = S.listen(w, "e", at(port))
+      assert.equal("error", r.ev)
+      assert.equal("EADDRINUSE", r.code)
+      assert.equal("bind", r.syscall)
+      assert.equal("127.0.0.1", r.address)
+      assert.equal(port, r.port)
+      assert.equal("bind EADDRINUSE 127.0.0.1:" .. port, r.message)
+      assert.is_true(math.type(r.errno) == "integer" and r.errno ~= 0)
+      assert.is_false(w:isDead())
+      S.close_local(hog)
+      r = S.listen(w, "e", at(port))
+      assert.equal("listening", r.ev, r.message)
+      assert.equal(port, r.address.port)
+      assert.equal(w.process.pid, answered_by(ask(at(port))))
+    end)
+
+    it("a listen with no host on a port held on the IPv6 any-address fails with EADDRINUSE", function()
+      local hog, port = local_server(0, HAS_IPV6 and "::" or "0.0.0.0")
+      local w = S.fork(1)[1]
+      local r = S.listen(w, "e", { port = port })
+      assert.equal("error", r.ev)
+      assert.equal("EADDRINUSE", r.code)
+      assert.equal("bind", r.syscall)
+      S.close_local(hog)
+    end)
+
+    it("a UDP bind on a port another socket holds fails with EADDRINUSE, syscall bind", function()
+      local hog = track(dgram.createSocket("udp4"))
+      local bound = false
+      hog:bind(0, "127.0.0.1", function() bound = true end)
+      assert.is_true(H.wait_until(function() return bound end, 3000))
+      local w = S.fork(1)[1]
+      w:send({ cmd = "bind", tag = "u", port = hog:address().port, address = "127.0.0.1" })
+      local r = assert(S.take(w, "error", "u"))
+      assert.equal("EADDRINUSE", r.code)
+      assert.equal("bind", r.syscall)
+    end)
+
+    it("bind-twice (Node test-cluster-bind-twice): a second master's worker gets EADDRINUSE on the port the first master's worker holds", function()
+      local w = S.fork(1)[1]
+      local port = S.listen(w, "one", at(0)).address.port
+      local m = H.spawn_master(H.fixture("share_master.lua"), { "listen", tostring(port), "127.0.0.1" })
+      assert.is_true(H.wait_until(function() return (H.read_file(m.out) or ""):find("\n") ~= nil end, 5000),
+        H.read_file(m.err))
+      assert.equal("error EADDRINUSE bind\n", H.read_file(m.out))
+      assert.equal(w.process.pid, answered_by(ask(at(port))))
+      H.kill_all()
+      H.cleanup_master(m)
+    end)
+
+    it("bind-privileged-port (Node test-cluster-bind-privileged-port): without privileges a worker's listen and bind on port 80 get EACCES, syscall bind", function()
+      local prefix = ""
+      local id = io.popen("id -u")
+      local root = id:read("a"):match("^0%s") ~= nil
+      id:close()
+      if root then
+        -- we are root: run the master as nobody (the master is the one that binds)
+        prefix = "setpriv --reuid=65534 --regid=65534 --clear-groups "
+        if not os.execute("command -v setpriv >/dev/null") then pending("root and no setpriv(1)") return end
+      end
+      local unpriv = tonumber(H.read_file("/proc/sys/net/ipv4/ip_unprivileged_port_start") or "1024") or 1024
+      if unpriv <= 80 then pending("ip_unprivileged_port_start allows port 80 to everyone") return end
+      for _, op in ipairs { "listen", "bind" } do
+        local out = H.tmpname("priv")
+        local p = io.popen(prefix .. "timeout 10 env LUA_PATH_5_4=" .. H.shell_quote(package.path)
+          .. " LUA_CPATH_5_4=" .. H.shell_quote(package.cpath) .. " lua5.4 "
+          .. H.shell_quote(H.fixture("share_master.lua")) .. " " .. op .. " 80 127.0.0.1 > " .. out
+          .. " 2>&1 & echo $!")
+        local pid = H.track(p:read("a"))
+        p:close()
+        assert.is_true(H.wait_until(function() return (H.read_file(out) or ""):find("\n") ~= nil end, 5000))
+        assert.equal("error EACCES bind\n", H.read_file(out))
+        H.kill_all()
+        os.remove(out)
+        assert.is_truthy(pid)
+      end
+    end)
+  end)
+
+  describe("handles passed with messages", function()
+    it("send-deadlock (Node test-cluster-send-deadlock): the master passes accepted sockets to a worker, which answers on them; the master's copy is closed, so the client sees EOF", function()
+      local w = S.fork(1)[1]
+      local passed = {}
+      local _, port = local_server(0, "127.0.0.1", function(c)
+        passed[#passed + 1] = c
+        w:send({ tag = "s" .. #passed }, c)
+      end)
+      local a, b = S.client(at(port), nil, true), S.client(at(port), nil, true)
+      assert.is_true(H.wait_until(function() return a.done and b.done end, 5000))
+      for _, r in ipairs { a, b } do
+        assert.equal(w.process.pid .. "\n", r.data)
+        assert.is_nil(r.err)
+      end
+      assert.equal(2, #passed)
+      for _, c in ipairs(passed) do assert.is_true(c.destroyed) end
+      assert(S.take(w, "got"))
+      assert(S.take(w, "got"))
+    end)
+
+    it("send-deadlock, both ways: a socket sent to a worker and back is answered by the master", function()
+      local w = S.fork(1)[1]
+      w:on("message", function(m, handle)
+        if type(m) == "table" and m.ev == "handle" and handle then handle:close("master\n") end
+      end)
+      local _, port = local_server(0, "127.0.0.1", function(c) w:send({ bounce = true }, c) end)
+      local r = S.client(at(port), nil, true)
+      assert.is_true(H.wait_until(function() return r.done end, 5000))
+      assert.equal("master\n", r.data)
+    end)
+
+    it("send-handle-twice (Node test-cluster-send-handle-twice): a worker sends the same socket twice; both arrive and the client is answered and closed", function()
+      local w = S.fork(1)[1]
+      local got = {}
+      w:on("message", function(m, handle)
+        if type(m) == "table" and m.ev == "handle" and handle then got[#got + 1] = { m.kind, handle } end
+      end)
+      local port = S.listen(w, "twice", at(0), nil, "passup2").address.port
+      local r = S.client(at(port), nil, true)
+      assert.is_true(H.wait_until(function() return #got == 2 end, 5000))
+      assert.equal("socket", got[1][1])
+      assert.equal("socket2", got[2][1])
+      for _, g in ipairs(got) do assert.equal(net.Socket, getmetatable(g[2])) end
+      got[1][2]:write("master\n")
+      got[1][2]:close()
+      got[2][2]:close()
+      assert.is_true(H.wait_until(function() return r.done end, 5000))
+      assert.equal("master\n", r.data)
+      -- the worker is unharmed
+      assert.is_false(w:isDead())
+      assert.equal(w.process.pid, answered_by(ask(at(S.listen(w, "after", at(0)).address.port))))
+    end)
+
+    it("a net server passed from a worker to the master and on to another worker keeps serving there", function()
+      local ws = S.fork(2)
+      local server
+      ws[1]:on("message", function(m, handle) if type(m) == "table" and m.ev == "handle" then server = handle end end)
+      local port = S.listen(ws[1], "x", { port = 0, host = "127.0.0.1", exclusive = true }).address.port
+      ws[1]:send({ cmd = "sendback", tag = "x" })
+      assert.is_true(H.wait_until(function() return server ~= nil end, 3000))
+      assert.equal(net.Server, getmetatable(server))
+      assert.equal(port, server:address().port)
+      local sent = false
+      ws[2]:send({ tag = "x" }, server, function() sent = true end)
+      assert.is_true(H.wait_until(function() return sent end, 3000))
+      S.close_local(server)
+      local got = assert(S.take(ws[2], "got"))
+      assert.equal("server", got.kind)
+      assert.equal(port, got.address.port)
+      S.close(ws[1], "x")
+      local by, total = S.tally(S.clients(5, at(port), 1))
+      assert.equal(5, total)
+      assert.same({ [ws[2].process.pid] = 5 }, by)
+    end)
+
+    it("a dgram socket passed from a worker to the master and on to another worker keeps receiving there", function()
+      local ws = S.fork(2)
+      local sock
+      ws[1]:on("message", function(m, handle) if type(m) == "table" and m.ev == "handle" then sock = handle end end)
+      ws[1]:send({ cmd = "bind", tag = "u", port = 0, address = "127.0.0.1", exclusive = true })
+      local port = assert(S.take(ws[1], "bound", "u")).address.port
+      ws[1]:send({ cmd = "sendback", tag = "u" })
+      assert.is_true(H.wait_until(function() return sock ~= nil end, 3000))
+      assert.equal(dgram.Socket, getmetatable(sock))
+      assert.equal(port, sock:address().port)
+      local sent = false
+      ws[2]:send({ tag = "u" }, sock, function() sent = true end)
+      assert.is_true(H.wait_until(function() return sent end, 3000))
+      sock:close()
+      local got = assert(S.take(ws[2], "got"))
+      assert.equal("udp", got.kind)
+      ws[1]:send({ cmd = "closeudp", tag = "u" })
+      assert(S.take(ws[1], "closed", "u"))
+      for _ = 1, 5 do assert.equal(ws[2].process.pid, S.udp_ask(port)) end
+    end)
+  end)
+
+  describe("disconnect", function()
+    it("worker:disconnect() takes the worker out of distribution at once", function()
+      local ws = S.fork(2)
+      local port = S.listen_all(ws, "d", at(0), nil, "hold")[1].address.port
+      ws[1]:disconnect()
+      local by, total = S.tally(S.clients(20, at(port), 20))
+      assert.equal(20, total)
+      assert.same({ [ws[2].process.pid] = 20 }, by)
+      wait_exit(ws[1])
+    end)
+
+    it("worker-wait-server-close (Node test-cluster-worker-wait-server-close): an open connection keeps being served and delays the worker's exit; 'disconnect' comes after the server closed", function()
+      local log = H.tmpname("log")
+      local w = S.fork(1, { SHARE_LOG = log })[1]
+      local port = S.listen(w, "e", at(0), nil, "echo").address.port
+      local order = {}
+      w:on("disconnect", function() order[#order + 1] = "disconnect" end)
+      w:on("exit", function(code) order[#order + 1] = "exit " .. tostring(code) end)
+      local r = S.client(at(port), "hello\n", true)
+      assert.is_true(H.wait_until(function() return r.data == "hello\n" end, 3000))
+      w:disconnect()
+      -- the only worker left the key: no new connections
+      assert.equal("ECONNREFUSED", ask(at(port)).err.code)
+      -- the open one is still served, and the worker stays
+      r.sock:write("again\n")
+      assert.is_true(H.wait_until(function() return r.data == "hello\nagain\n" end, 3000))
+      H.run_for(100)
+      assert.same({}, order)
+      assert.is_true(H.alive(w.process.pid))
+      r.sock:close()
+      assert.is_true(H.wait_until(function() return #order == 2 end, 5000))
+      table.sort(order)
+      assert.same({ "disconnect", "exit 0" }, order)
+      -- in the worker: the server's 'close' (after its last connection), then 'disconnect'
+      assert.equal("close e\ndisconnect\n", H.read_file(log))
+      os.remove(log)
+    end)
+
+    it("worker-no-exit (Node test-cluster-worker-no-exit): a disconnected worker with an open client connection exits only after the connection is destroyed", function()
+      local conn
+      local _, port = local_server(0, "127.0.0.1", function(c) conn = track(c) end)
+      local w = S.fork(1)[1]
+      w:send({ cmd = "connect", port = port })
+      assert.is_true(H.wait_until(function() return conn ~= nil end, 3000))
+      local disconnected, exited = false, false
+      w:on("disconnect", function() disconnected = true end)
+      w:on("exit", function() exited = true end)
+      w:disconnect()
+      assert.is_true(H.wait_until(function() return disconnected end, 3000))
+      H.run_for(200)
+      assert.is_false(exited)
+      conn:destroy()
+      assert.is_true(H.wait_until(function() return exited end, 3000))
+    end)
+
+    it("disconnect (Node test-cluster-disconnect): 4 workers on 2 ports, cluster.disconnect, twice on the same ports, without leaked descriptors", function()
+      local ports = { S.free_port(), S.free_port() }
+      local me = core.getpid()
+      local fds_before = S.settled_fd_count(me)
+      for round = 1, 2 do
+        local ws = S.fork(4)
+        for i, port in ipairs(ports) do
+          for _, w in ipairs(ws) do
+            local r = S.listen(w, "p" .. i, at(port))
+            assert.equal("listening", r.ev, r.message)
+          end
+        end
+        local pids = pids_of(ws)
+        for _, port in ipairs(ports) do
+          local r = ask(at(port))
+          assert.is_truthy(pids[answered_by(r)])
+        end
+        local done = false
+        cluster.disconnect(function() done = true end)
+        assert.is_true(H.wait_until(function() return done end, 5000), "cluster.disconnect callback never ran")
+        for _, w in ipairs(ws) do if not w:isDead() then wait_exit(w) end end
+        for _, port in ipairs(ports) do assert.equal("ECONNREFUSED", ask(at(port)).err.code) end
+        local now
+        assert.is_true(H.wait_until(function() now = S.fd_count(me) return now == fds_before end, 2000, 20),
+          ("round %d: master fds %d before, %d after"):format(round, fds_before, now))
+      end
+    end)
+  end)
+
+  it("leaks nothing: after 2000 connections through round-robin, the master's and workers' descriptor counts return to where they were", function()
+    local ws = S.fork(2)
+    local port = S.listen_all(ws, "leak", at(0))[1].address.port
+    S.clients(10, at(port), 2)
+    local me = core.getpid()
+    local before = { S.settled_fd_count(me), S.settled_fd_count(ws[1].process.pid), S.settled_fd_count(ws[2].process.pid) }
+    local by, total = S.tally(S.clients(2000, at(port), 50, nil, 60000))
+    assert.equal(2000, total)
+    assert.is_true((by[ws[1].process.pid] or 0) > 0 and (by[ws[2].process.pid] or 0) > 0)
+    local now
+    local same = H.wait_until(function()
+      now = { S.fd_count(me), S.fd_count(ws[1].process.pid), S.fd_count(ws[2].process.pid) }
+      return now[1] == before[1] and now[2] == before[2] and now[3] == before[3]
+    end, 3000, 50)
+    assert.is_true(same, ("fds before %s, after %s"):format(table.concat(before, "/"), table.concat(now, "/")))
+  end)
+end)
