@@ -5,7 +5,8 @@
 --   cluster.fork(); // http worker
 -- The worker script is examples/workers/use.lua; it tells the master which
 -- protocol it was given. Also shows the 'setup' event and cluster.settings.
--- silent = true: the workers' stdout/stderr go to the master, which discards them.
+-- silent = true: the workers' stdout/stderr go to the master instead of the
+-- terminal; the master sees each line as cluster 'output'(worker, stream, line).
 local cluster = require "cluster"
 
 local here = arg[0]:match("^(.*)/[^/]*$") or "."
@@ -30,6 +31,12 @@ local http = cluster.fork()  -- http worker
 print("cluster.settings.exec = " .. cluster.settings.exec)
 assert(cluster.settings.silent == true, "silent is kept across setupMaster calls")
 
+local lines = {}
+cluster.on("output", function(worker, stream, line)
+  print(("worker %d's %s (silent, through the master): %s"):format(worker.id, stream, line))
+  lines[worker.id] = line
+end)
+
 local got = {}
 cluster.on("message", function(worker, msg)
   print(("worker %d uses %s (args: %s)"):format(worker.id, msg.use, table.concat(msg.args, " ")))
@@ -40,3 +47,4 @@ cluster.run()
 -- fork() calls setupMaster() itself, as Node's does: two calls + two forks
 assert(setups == 4, "'setup' fires on every call")
 assert(got[https.id] == "https" and got[http.id] == "http", "each worker got its own args")
+assert(lines[https.id] and lines[http.id], "silent output reached the master")

@@ -7,6 +7,6 @@ for i = 1, #arg do
   if arg[i] == "--use" then use = arg[i + 1] end
 end
 -- settings.silent: this line goes to a pipe read by the master, not to the terminal
-print("worker " .. cluster.worker.id .. " printing to its stdout (silent: not shown)")
+print("I use " .. tostring(use))
 cluster.worker:send { id = cluster.worker.id, use = use, args = arg }
 cluster.run()  -- nothing keeps the worker alive: it exits once the message is written
