@@ -84,6 +84,25 @@ describe("cluster worker exit", function()
     H.finish()
   end)
 
+  it("workers whose script simply ends exit 0, never by a signal (many, to catch a crash at exit)", function()
+    local N, batch = 60, 6
+    local results, started = {}, 0
+    local function start()
+      started = started + 1
+      local w = cluster.fork({ FIXTURE_MODE = "end" })
+      w:on("exit", function(code, signal)
+        results[#results + 1] = tostring(code) .. "/" .. tostring(signal)
+        if started < N then start() end
+      end)
+    end
+    for _ = 1, batch do start() end
+    assert.is_true(H.wait_until(function() return #results == N end, 20000))
+    local bad = {}
+    for _, r in ipairs(results) do if r ~= "0/nil" then bad[#bad + 1] = r end end
+    assert.same({}, bad)
+    H.finish()
+  end)
+
   it("reports a worker's own exit code with no signal", function()
     local r = {}
     for _, code in ipairs { 0, 1, 7, 255 } do
