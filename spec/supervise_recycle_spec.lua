@@ -34,12 +34,21 @@ describe("supervise: recycling", function()
     assert.is_true(H.wait_until(function() return done end, 3000))
   end
 
-  -- The worker forked after `old` was recycled (its replacement), or nil.
+  -- The replacement of recycled worker `old`, or nil: recycling forks at once after
+  -- 'recycle' (the 'fork' event comes later, in order), so the n-th recycle's
+  -- replacement is the n-th fork after the first recycle.
   local function replacement_of(rec, old)
-    local seen = false
+    local recycles, forks, started = {}, {}, false
     for _, e in ipairs(rec.events) do
-      if e.name == "recycle" and e.id == old then seen = true
-      elseif seen and e.name == "fork" then return e.id end
+      if e.name == "recycle" then
+        started = true
+        recycles[#recycles + 1] = e.id
+      elseif started and e.name == "fork" then
+        forks[#forks + 1] = e.id
+      end
+    end
+    for i, id in ipairs(recycles) do
+      if id == old then return forks[i] end
     end
   end
 

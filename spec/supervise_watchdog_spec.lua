@@ -62,6 +62,26 @@ describe("supervise: watchdog", function()
     H.finish()
   end)
 
+  it("reports a worker again when it gets stuck again after recovering", function()
+    R.write(control, "ready")
+    local calls = {}
+    local rec = start(function(w, ms) calls[#calls + 1] = { id = w.id, ms = ms } end)
+    local w = cluster.workers[select(1, next(cluster.workers))]
+    w:send({ cmd = "stall", ms = TIMEOUT * 2 })
+    assert.is_true(H.wait_until(function() return #calls >= 1 end, 5000), rec.dump())
+    -- it recovers and beats again for a while, then stalls again
+    H.run_for(TIMEOUT * 2)
+    assert.equal(1, #calls)
+    w:send({ cmd = "stall", ms = TIMEOUT * 2 })
+    assert.is_true(H.wait_until(function() return #calls >= 2 end, 5000), rec.dump())
+    assert.equal(w.id, calls[2].id)
+    assert.equal(0, rec.count("exit"))
+    local done = false
+    cluster.shutdown({ grace = 100, killTimeout = 100 }, function() done = true end)
+    assert.is_true(H.wait_until(function() return done end, 3000))
+    H.finish()
+  end)
+
   it("runs a function action instead of killing", function()
     R.write(control, "ready")
     local calls = {}

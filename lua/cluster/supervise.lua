@@ -353,10 +353,12 @@ function M.install(cluster)
       if w._supervised and not w:isDead() then
         -- watchdog: the worker's loop beats from C; silence means it is stuck
         local wd = o.watchdog
-        if wd and w._channel and w:isConnected() and not w._watchdogFired then
+        if wd and w._channel and w:isConnected() then
           local last = w._channel:last_beat()
           local since = t - (last > 0 and last or w._forkedAt)
-          if since > (wd.timeout or 5000) then
+          if since <= (wd.timeout or 5000) then
+            w._watchdogFired = nil -- beating (again): a later silence is reported again
+          elseif not w._watchdogFired then
             w._watchdogFired = true
             cluster:emit("watchdog", w, since)
             if type(wd.action) == "function" then
