@@ -17,6 +17,7 @@
 #include <stdlib.h>
 #include <string.h>
 #include <poll.h>
+#include <fcntl.h>
 #include <errno.h>
 #include <stdio.h>
 
@@ -431,7 +432,7 @@ static void parse_frames(cl_channel *ch) {
     lua_pushboolean(L, flags & CL_FRAME_INTERNAL);
     if (cl_codec_decode(L, p + CL_FRAME_HEADER, len) != 0) {
       char msg[256];
-      snprintf(msg, sizeof msg, "received a malformed message: %s", lua_tostring(L, -1));
+      snprintf(msg, sizeof msg, "received a %s", lua_tostring(L, -1)); /* "malformed message: ..." */
       lua_pop(L, 3);
       fail_channel(ch, msg);
       return;
@@ -606,6 +607,9 @@ int cl_channel_is_open(cl_channel *ch) { return !cl_handle_is_closing(&ch->h); }
 /* core.channel_open(fd) -> channel: the worker's end, inherited from the master. */
 static int l_channel_open(lua_State *L) {
   int fd = (int)luaL_checkinteger(L, 1);
+  /* the worker's own children must not inherit the channel to its master */
+  int fdflags = fcntl(fd, F_GETFD);
+  if (fdflags >= 0) fcntl(fd, F_SETFD, fdflags | FD_CLOEXEC);
   cl_channel *ch = cl_channel_push_new(L);
   int err = uv_pipe_open(&ch->h.u.pipe, fd);
   if (err) {

@@ -1,10 +1,21 @@
 /* cluster.core: the C core's entry point. Each concept lives in its own file and adds
  * its functions here through its cl_open_* function. */
+#define _GNU_SOURCE /* dladdr */
 #include "util.h"
 
+#include <dlfcn.h>
 #include <signal.h>
 
+/* Keeps this library loaded until the process ends: the orphan guard's thread and
+ * libuv's own threads may still run its code after lua_close() would unload it. */
+static void pin_library(void) {
+  Dl_info info;
+  if (dladdr((void *)pin_library, &info) && info.dli_fname)
+    dlopen(info.dli_fname, RTLD_NOW | RTLD_NOLOAD | RTLD_NODELETE);
+}
+
 int luaopen_cluster_core(lua_State *L) {
+  pin_library();
   /* A write to a connection the peer has reset must fail with EPIPE, not kill the
    * process (Node does the same). */
   signal(SIGPIPE, SIG_IGN);

@@ -211,10 +211,15 @@ int cl_call(lua_State *L, int nargs) {
     lua_remove(L, base);
     return 0;
   }
-  if (pending_error_ref == LUA_NOREF)
+  /* errors queue in order; run()/poll() re-raise one per call, so none is lost */
+  if (pending_error_ref == LUA_NOREF) {
+    lua_newtable(L);
     pending_error_ref = luaL_ref(L, LUA_REGISTRYINDEX);
-  else
-    lua_pop(L, 1);
+  }
+  lua_rawgeti(L, LUA_REGISTRYINDEX, pending_error_ref);
+  lua_insert(L, -2);
+  lua_rawseti(L, -2, luaL_len(L, -2) + 1);
+  lua_pop(L, 1);
   lua_remove(L, base);
   uv_stop(cl_loop());
   return -1;
@@ -223,8 +228,17 @@ int cl_call(lua_State *L, int nargs) {
 int cl_take_error(lua_State *L) {
   if (pending_error_ref == LUA_NOREF) return 0;
   lua_rawgeti(L, LUA_REGISTRYINDEX, pending_error_ref);
-  luaL_unref(L, LUA_REGISTRYINDEX, pending_error_ref);
-  pending_error_ref = LUA_NOREF;
+  lua_Integer n = luaL_len(L, -1);
+  if (n == 0) { lua_pop(L, 1); return 0; }
+  lua_rawgeti(L, -1, 1);
+  /* shift the rest down */
+  for (lua_Integer i = 1; i < n; i++) {
+    lua_rawgeti(L, -2, i + 1);
+    lua_rawseti(L, -3, i);
+  }
+  lua_pushnil(L);
+  lua_rawseti(L, -3, n);
+  lua_remove(L, -2);
   return 1;
 }
 
