@@ -60,6 +60,8 @@ local function merge(defaults, given)
 end
 
 local RESTART_KINDS = { permanent = true, transient = true, temporary = true }
+-- the options whose default is nil
+local OPTIONAL = { workers = true, env = true, onCrashLoop = true, watchdog = true, recycle = true }
 
 local function check_options(o)
   local function bad(field, want, v)
@@ -75,6 +77,29 @@ local function check_options(o)
   end
   if o.onCrashLoop ~= nil and type(o.onCrashLoop) ~= "function" then bad("onCrashLoop", "a function", o.onCrashLoop) end
   if o.env ~= nil and type(o.env) ~= "table" then bad("env", "a table", o.env) end
+  if type(o.backoff) ~= "table" then bad("backoff", "a table", o.backoff) end
+  for _, f in ipairs { "initial", "max", "reset" } do
+    local v = o.backoff[f]
+    if type(v) ~= "number" or v < 0 then bad("backoff." .. f, "a number >= 0", v) end
+  end
+  if type(o.backoff.factor) ~= "number" or o.backoff.factor < 1 then bad("backoff.factor", "a number >= 1", o.backoff.factor) end
+  for _, f in ipairs { "watchdog", "recycle" } do
+    if o[f] ~= nil and type(o[f]) ~= "table" then bad(f, "a table", o[f]) end
+  end
+  if type(o.reload) ~= "table" then bad("reload", "a table", o.reload) end
+  if o.output ~= true and o.output ~= false and type(o.output) ~= "function" then
+    bad("output", "a boolean or a function", o.output)
+  end
+  if math.type(o.shutdownExitCode) ~= "integer" then bad("shutdownExitCode", "an integer", o.shutdownExitCode) end
+end
+
+-- A typo in an option name would silently fall back to the default: refuse it.
+local function check_names(given)
+  for k in pairs(given or {}) do
+    if M.defaults[k] == nil and not OPTIONAL[k] then
+      error(string.format("supervise: unknown option '%s'", tostring(k)), 3)
+    end
+  end
 end
 
 function M.install(cluster)
@@ -406,6 +431,7 @@ function M.install(cluster)
       error("supervise: bad argument #1 (options): expected a table, got " .. type(options), 2)
     end
     if sup and sup.running then error("supervise: already supervising", 2) end
+    check_names(options)
     local o = merge(M.defaults, options)
     check_options(o)
     o.workers = o.workers or cluster.cpus()

@@ -1,0 +1,64 @@
+-- cluster.supervise{...} refuses misuse with an error naming the option, before it
+-- forks anything; one supervisor at a time; functions that need one say so.
+local cluster = require "cluster"
+local H = require "helper"
+
+describe("supervise: options", function()
+  before_each(function()
+    H.setup()
+    cluster.setupMaster { exec = H.fixture("sup_worker.lua"), args = {} }
+  end)
+  after_each(function()
+    pcall(cluster.shutdown, { grace = 0, killTimeout = 0 })
+    H.teardown()
+  end)
+
+  local function refuses(options, pattern)
+    local ok, err = pcall(function() cluster.supervise(options) end)
+    assert.is_false(ok, "accepted " .. pattern)
+    assert.truthy(tostring(err):find("supervise", 1, true), tostring(err))
+    assert.truthy(tostring(err):find(pattern, 1, true), tostring(err))
+    -- raised at the caller's line, not inside the module
+    assert.truthy(tostring(err):find("supervise_options_spec.lua", 1, true), tostring(err))
+  end
+
+  it("raises on bad options, naming them, and forks nothing", function()
+    refuses("x", "options")
+    refuses({ workers = -1 }, "workers")
+    refuses({ workers = 1.5 }, "workers")
+    refuses({ restart = "sometimes" }, "restart")
+    refuses({ readiness = "soon" }, "readiness")
+    refuses({ grace = -1 }, "grace")
+    refuses({ readyTimeout = "1s" }, "readyTimeout")
+    refuses({ onCrashLoop = "hold" }, "onCrashLoop")
+    refuses({ env = "A=1" }, "env")
+    refuses({ backoff = 100 }, "backoff")
+    refuses({ backoff = { factor = 0.5 } }, "backoff.factor")
+    refuses({ backoff = { initial = "fast" } }, "backoff.initial")
+    refuses({ watchdog = 5000 }, "watchdog")
+    refuses({ recycle = true }, "recycle")
+    refuses({ output = "stdout" }, "output")
+    refuses({ shutdownExitCode = "0" }, "shutdownExitCode")
+    refuses({ restrat = "temporary" }, "unknown option 'restrat'")
+    assert.is_nil(next(cluster.workers))
+    H.finish()
+  end)
+
+  it("one supervisor at a time; scale and reload need one", function()
+    assert.has_error(function() cluster.scale(1) end)
+    assert.has_error(function() cluster.reload() end)
+    cluster.supervise { workers = 0, signals = false, output = false }
+    assert.has_error(function() cluster.supervise { workers = 0 } end)
+    local done = false
+    cluster.shutdown(function() done = true end)
+    assert.is_true(H.wait_until(function() return done end, 2000))
+    -- after a shutdown a new one can start
+    local o = cluster.supervise { workers = 0, signals = false, output = false }
+    assert.equal(0, o.workers)
+    assert.equal(o, cluster.supervisor())
+    done = false
+    cluster.shutdown(function() done = true end)
+    assert.is_true(H.wait_until(function() return done end, 2000))
+    H.finish()
+  end)
+end)
