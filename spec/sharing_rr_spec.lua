@@ -383,6 +383,29 @@ describe("sharing, SCHED_RR", function()
       assert.equal(ws[2].process.pid, answered_by(ask(at(port))))
     end)
 
+    it("connections handed to a hung worker and unanswered when it is SIGKILLed go to another worker: 200 of 200 answered", function()
+      local ws = S.fork(2)
+      local port = S.listen_all(ws, "hung", at(0))[1].address.port
+      local victim, other = ws[1], ws[2]
+      victim:send({ cmd = "block", ms = 5000 })
+      assert(S.take(victim, "blocking"))
+      H.run_for(60) -- its loop is blocked now: what it is handed stays unanswered
+      local killed = false
+      local records = S.clients(200, at(port), 200, function(n)
+        if n == 40 and not killed then
+          killed = true
+          core.kill(victim.process.pid, "SIGKILL")
+        end
+      end, 8000)
+      local by, total, failures = S.tally(records)
+      assert.is_true(killed)
+      assert.same({}, failures)
+      assert.equal(200, total)
+      assert.same({ [other.process.pid] = 200 }, by)
+      local _, signal = wait_exit(victim)
+      assert.equal("SIGKILL", signal)
+    end)
+
     it("when the last worker leaves a key the master closes that listener: connecting then fails", function()
       local ws = S.fork(2)
       local port = S.listen_all(ws, "k", at(0))[1].address.port
