@@ -6,7 +6,8 @@ local cluster = require "cluster"
 local H = require "helper"
 local R = require "fixtures.sup_lib"
 
-local LINES, WIDTH = 300, 3000
+-- lines longer than stdio's and the pipe's buffers, so that they arrive in pieces
+local LINES, WIDTH = 200, 70000
 
 -- Checks that `lines` (worker id -> list of its stdout lines, prefix removed) hold
 -- exactly lines 1..LINES of that worker's text, in order.
@@ -15,7 +16,8 @@ local function check_lines(by_worker, ids)
     local list = by_worker[id] or {}
     assert.equal(LINES, #list, "worker " .. id .. " lines")
     local fill = string.rep(string.char(64 + id), WIDTH)
-    for i, line in ipairs(list) do
+    for i = 1, LINES do
+      local line = list[i]
       assert.equal(string.format("line %d %s end", i, fill), line)
     end
   end
@@ -47,7 +49,7 @@ describe("supervise: worker output", function()
     end)
     local rec = R.record(cluster)
     cluster.supervise {
-      workers = 2, readiness = "explicit", env = { SUP_MODE = "print", SUP_LINES = tostring(LINES) },
+      workers = 2, readiness = "explicit", env = { SUP_MODE = "print", SUP_LINES = tostring(LINES), SUP_WIDTH = tostring(WIDTH), SUP_TAIL = "tail" },
       grace = 200, killTimeout = 200, signals = false, output = false,
     }
     assert.is_true(H.wait_until(function() return #stderr_lines >= 2 end, 10000), rec.dump())
@@ -65,6 +67,12 @@ describe("supervise: worker output", function()
     local done = false
     cluster.shutdown(function() done = true end)
     assert.is_true(H.wait_until(function() return done end, 3000))
+    -- the unfinished last line arrived when the worker's stdout closed
+    assert.is_true(H.wait_until(function()
+      return #by_worker[ids[1]] == LINES + 1 and #by_worker[ids[2]] == LINES + 1
+    end, 3000))
+    assert.equal("tail", by_worker[ids[1]][LINES + 1])
+    assert.equal("tail", by_worker[ids[2]][LINES + 1])
     H.finish()
   end)
 end)
@@ -78,7 +86,7 @@ describe("supervise: default printing of worker output", function()
       local cluster = ...
       cluster.setupMaster { silent = true }
       return { workers = 2, readiness = "explicit",
-        env = { SUP_MODE = "print", SUP_LINES = "]] .. LINES .. [[" } }
+        env = { SUP_MODE = "print", SUP_LINES = "]] .. LINES .. [[", SUP_WIDTH = "]] .. WIDTH .. [[" } }
     ]])
     assert.is_true(H.wait_until(function()
       local err = H.read_file(m.err) or ""

@@ -6,7 +6,9 @@ local M = {}
 
 --- Installs the line splitter as the master's handler of silent workers' output.
 function M.install(cluster)
-  local partial = {}   -- worker -> {stdout=, stderr=}
+  local partial = {}   -- worker -> {stdout = {pieces of the unfinished line}, stderr = {...}}
+
+  local function emit_line(worker, stream, line) cluster:emit("output", worker, stream, line) end
 
   cluster._onWorkerOutput = function(worker, stream, chunk)
     local parts = partial[worker]
@@ -14,22 +16,36 @@ function M.install(cluster)
       parts = {}
       partial[worker] = parts
     end
+    local pieces = parts[stream]
     if chunk == nil then
-      local rest = parts[stream]
+      -- end of the stream: an unfinished last line is still a line
       parts[stream] = nil
-      if rest and rest ~= "" then cluster:emit("output", worker, stream, rest) end
+      if pieces and #pieces > 0 then emit_line(worker, stream, table.concat(pieces)) end
       if next(parts) == nil then partial[worker] = nil end
       return
     end
-    local data = (parts[stream] or "") .. chunk
     local start = 1
-    while true do
-      local nl = data:find("\n", start, true)
-      if not nl then break end
-      cluster:emit("output", worker, stream, data:sub(start, nl - 1))
+    local nl = chunk:find("\n", 1, true)
+    if nl and pieces and #pieces > 0 then
+      -- the end of a line that came in pieces: joined once, so a long line costs its
+      -- length, not its length times the number of chunks
+      pieces[#pieces + 1] = chunk:sub(1, nl - 1)
+      parts[stream] = nil
+      emit_line(worker, stream, table.concat(pieces))
+      pieces = nil
       start = nl + 1
+      nl = chunk:find("\n", start, true)
     end
-    parts[stream] = data:sub(start)
+    while nl do
+      emit_line(worker, stream, chunk:sub(start, nl - 1))
+      start = nl + 1
+      nl = chunk:find("\n", start, true)
+    end
+    if start <= #chunk then
+      pieces = parts[stream] or {}
+      parts[stream] = pieces
+      pieces[#pieces + 1] = chunk:sub(start)
+    end
   end
 end
 
