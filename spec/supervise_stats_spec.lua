@@ -101,6 +101,9 @@ describe("supervise: stats", function()
     assert.equal(spinner.process.pid, dead.pid)
     assert.equal("dead", dead.state)
     assert.equal(0, dead.rss)
+    -- its uptime stopped at its exit
+    H.run_for(100)
+    assert.equal(dead.uptime, spinner:stats().uptime)
 
     local done = false
     cluster.shutdown({ grace = 200, killTimeout = 200 }, function() done = true end)

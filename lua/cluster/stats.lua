@@ -19,7 +19,7 @@ function M.install(cluster)
       id = self.id,
       pid = pid,
       state = self.state,
-      uptime = forked and (core.hrtime() - forked) or 0,
+      uptime = forked and ((rawget(self, "_exitedHr") or core.hrtime()) - forked) or 0,
       restarts = rawget(self, "_restarts") or 0,
       connections = cluster._handedTo and cluster._handedTo(self) or 0,
       rss = st and st.rss or 0,

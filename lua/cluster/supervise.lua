@@ -302,6 +302,7 @@ function M.install(cluster)
   end
 
   local function on_exit(worker, code, signal)
+    worker._exitedHr = core.hrtime() -- its uptime ends here (worker:stats())
     if not sup or not worker._supervised then return end
     worker._exitCode, worker._exitSignal = code, signal
     if worker._readyTimer then loop.clearTimeout(worker._readyTimer) worker._readyTimer = nil end
