@@ -68,6 +68,7 @@ static uv_prepare_t flusher;
 static int flusher_ready = 0;
 
 static void flush(cl_channel *ch);
+static void flush_now(cl_channel *ch);
 
 static void on_prepare(uv_prepare_t *p) {
   cl_channel *ch;
@@ -75,7 +76,7 @@ static void on_prepare(uv_prepare_t *p) {
     flush_list = ch->next_pending;
     ch->in_flush_list = 0;
     ch->next_pending = NULL;
-    flush(ch);
+    flush_now(ch);
   }
   uv_prepare_stop(p);
 }
@@ -168,6 +169,32 @@ static void flush(cl_channel *ch) {
   ch->out_cbs = LUA_NOREF;
   int err = submit(ch, data, len, cbs, NULL, LUA_NOREF);
   if (err) run_write_cbs(ch->h.L, cbs, err);
+}
+
+/* From the loop (the prepare phase): when libuv holds no queued write, write directly
+ * and keep the buffer for the next turn; only what the socket does not take now becomes
+ * a libuv write request. Saves a request, an allocation and a poll registration per
+ * turn, which is most of a message round trip's own cost. Callbacks may run here. */
+static void flush_now(cl_channel *ch) {
+  if (ch->out.len == 0 || cl_handle_is_closing(&ch->h)) return;
+  if (uv_stream_get_write_queue_size(&ch->h.u.stream) != 0) { flush(ch); return; }
+  uv_buf_t buf = uv_buf_init(ch->out.data, (unsigned)ch->out.len);
+  int n = uv_try_write(&ch->h.u.stream, &buf, 1);
+  if (n == (int)ch->out.len) {
+    int cbs = ch->out_cbs;
+    ch->out_cbs = LUA_NOREF;
+    ch->out.len = 0;
+    if (ch->out.cap > 1024 * 1024) cl_buf_free(&ch->out); /* don't keep a huge buffer */
+    run_write_cbs(ch->h.L, cbs, 0);
+    return;
+  }
+  if (n > 0) {
+    memmove(ch->out.data, ch->out.data + n, ch->out.len - (size_t)n);
+    ch->out.len -= (size_t)n;
+  } else if (n != UV_EAGAIN && n != UV_ENOSYS) {
+    /* a broken pipe: let the write request report it the usual way */
+  }
+  flush(ch);
 }
 
 static cl_channel *check_channel(lua_State *L, int idx) {
