@@ -340,7 +340,7 @@ function Socket:close(data, callback)
   if data ~= nil then self:write(data) end
   if callback then self:once("finish", callback) end
   self._ending = true
-  if self._handle and not self.connecting then do_shutdown(self) end
+  if self._handle and not self.connecting and not self.destroyed then do_shutdown(self) end -- the write may have failed
   return self
 end
 Socket["end"] = Socket.close
