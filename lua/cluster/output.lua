@@ -4,6 +4,9 @@
 -- @module cluster.output
 local M = {}
 
+--- The longest line kept whole (bytes); a longer one arrives in pieces of this size.
+M.MAX_LINE = 1024 * 1024
+
 --- Installs the line splitter as the master's handler of silent workers' output.
 function M.install(cluster)
   local partial = {}   -- worker -> {stdout = {pieces of the unfinished line}, stderr = {...}}
@@ -42,9 +45,17 @@ function M.install(cluster)
       nl = chunk:find("\n", start, true)
     end
     if start <= #chunk then
-      pieces = parts[stream] or {}
+      pieces = parts[stream] or { size = 0 }
       parts[stream] = pieces
-      pieces[#pieces + 1] = chunk:sub(start)
+      local rest = chunk:sub(start)
+      pieces[#pieces + 1] = rest
+      pieces.size = (pieces.size or 0) + #rest
+      -- a worker that never ends its line can't grow the master without bound:
+      -- past M.MAX_LINE bytes the line so far is delivered as a line of its own
+      if pieces.size >= M.MAX_LINE then
+        parts[stream] = nil
+        emit_line(worker, stream, table.concat(pieces))
+      end
     end
   end
 end

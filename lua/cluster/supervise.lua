@@ -456,6 +456,9 @@ function M.install(cluster)
       sup.checkTimer = loop.setInterval(check, interval)
       sup.checkTimer:unref()
     end
+    -- a supervising master stays up until shutdown, also with no worker left
+    -- (after scale(0), or workers that were not to be restarted)
+    sup.keepAlive = loop.setInterval(function() end, 3600 * 1000)
     for _ = 1, o.workers do supervised_fork(o.env, 0) end
     return o
   end
@@ -508,6 +511,7 @@ function M.install(cluster)
       for t in pairs(sup.respawnTimers) do loop.clearTimeout(t) end
       sup.respawnTimers = {}
       if sup.checkTimer then loop.clearInterval(sup.checkTimer) sup.checkTimer = nil end
+      if sup.keepAlive then loop.clearInterval(sup.keepAlive) sup.keepAlive = nil end
     end
     cluster:emit("shutdown", opts or {})
     local waiting = 1
