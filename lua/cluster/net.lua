@@ -683,6 +683,11 @@ function Server:_listenLocal(opts)
     return
   end
   self:_setHandle(h)
+  -- a worker's exclusive server is still reported to the master ('listening')
+  local cluster = package.loaded["cluster"]
+  if type(cluster) == "table" and cluster.isWorker and cluster._reportListening then
+    cluster._reportListening(opts.path or h:getsockname(), opts.path)
+  end
 end
 
 function Server:_setHandle(h)
