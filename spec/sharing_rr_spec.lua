@@ -13,64 +13,18 @@ local H = require "helper"
 local S = require "fixtures.share_lib"
 
 local HAS_IPV6 = S.has_ipv6()
-local LOCAL = { host = "127.0.0.1" }
 
-local function at(port, host) return { port = port, host = host or "127.0.0.1" } end
-
--- every local server/socket a spec opens, closed in after_each
-local opened, dirs = {}, {}
-local function track(obj) opened[#opened + 1] = obj return obj end
-
-local function local_server(port, host, on_conn)
-  local s = track(net.createServer(on_conn or function(c) c:destroy() end))
-  local ready, err = false, nil
-  s:on("error", function(e) err = e end)
-  s:listen(port or 0, host or "127.0.0.1", function() ready = true end)
-  assert.is_true(H.wait_until(function() return ready or err ~= nil end, 3000))
-  assert.is_nil(err)
-  return s, s:address().port
-end
-
--- waits for one client connection to end: returns its record
-local function ask(opts, send, keep)
-  local r = S.client(opts, send, keep)
-  assert.is_true(H.wait_until(function() return r.done end, 5000), "the connection never closed")
-  return r
-end
-
-local function answered_by(r) return math.tointeger(tonumber(r.data:match("^(%d+)\n"))) end
-
-local function pids_of(list)
-  local set = {}
-  for _, w in ipairs(list) do set[w.process.pid] = w end
-  return set
-end
-
-local wait_exit = S.wait_exit
-
-local function ss_backlog(port)
-  local p = io.popen("ss -Hltn 'sport = :" .. port .. "' 2>/dev/null")
-  local out = p:read("a")
-  p:close()
-  local recvq, sendq = out:match("LISTEN%s+(%d+)%s+(%d+)")
-  return sendq and math.tointeger(tonumber(sendq))
-end
+local at, ask, answered_by, pids_of, track = S.at, S.ask, S.answered_by, S.pids_of, S.track
+local local_server, wait_exit, ss_backlog = S.local_server, S.wait_exit, S.ss_backlog
+local dirs = {}
 
 describe("sharing, SCHED_RR", function()
   before_each(function()
     H.setup()
-    opened, dirs = {}, {}
+    dirs = {}
   end)
   after_each(function()
-    for _, obj in ipairs(opened) do
-      if getmetatable(obj) == net.Server then
-        if obj.listening then pcall(S.close_local, obj) end
-      elseif getmetatable(obj) == dgram.Socket then
-        pcall(obj.close, obj)
-      elseif not obj.destroyed then
-        obj:destroy()
-      end
-    end
+    S.close_tracked()
     H.teardown()
     for _, d in ipairs(dirs) do S.rmdir(d) end
     H.run_for(10)
@@ -200,7 +154,7 @@ describe("sharing, SCHED_RR", function()
     end)
 
     it("backlog passes through to the master's listening socket", function()
-      if not ss_backlog(22) and not os.execute("command -v ss >/dev/null") then pending("no ss(8)") return end
+      if not os.execute("command -v ss >/dev/null 2>&1") then pending("no ss(8)") return end
       local w = S.fork(1)[1]
       local r = S.listen(w, "b", { port = 0, host = "127.0.0.1", backlog = 7 })
       assert.equal(7, ss_backlog(r.address.port))
@@ -463,10 +417,11 @@ describe("sharing, SCHED_RR", function()
       local port = S.listen(w, "a", at(0)).address.port
       local me = core.getpid()
       local list = H.tmpname("fds")
-      local restore = "prlimit --pid " .. me .. " --nofile=" .. 20000 .. ": >/dev/null 2>&1"
-      local soft = io.popen("prlimit --pid " .. me .. " --nofile -o SOFT --noheadings"):read("a"):match("%d+")
+      local p = io.popen("prlimit --pid " .. me .. " --nofile -o SOFT --noheadings 2>/dev/null")
+      local soft = p:read("a"):match("%d+")
+      p:close()
       if not soft then pending("no prlimit(1)") return end
-      restore = "prlimit --pid " .. me .. " --nofile=" .. soft .. ": >/dev/null 2>&1"
+      local restore = "prlimit --pid " .. me .. " --nofile=" .. soft .. ": >/dev/null 2>&1"
       local r = S.client(at(port))
       -- the client's socket exists; now no descriptor is left for the master's accept
       local ok, err = pcall(function()
@@ -543,31 +498,9 @@ describe("sharing, SCHED_RR", function()
     end)
 
     it("bind-privileged-port (Node test-cluster-bind-privileged-port): without privileges a worker's listen and bind on port 80 get EACCES, syscall bind", function()
-      local prefix = ""
-      local id = io.popen("id -u")
-      local root = id:read("a"):match("^0%s") ~= nil
-      id:close()
-      if root then
-        -- we are root: run the master as nobody (the master is the one that binds)
-        prefix = "setpriv --reuid=65534 --regid=65534 --clear-groups "
-        if not os.execute("command -v setpriv >/dev/null") then pending("root and no setpriv(1)") return end
-      end
-      local unpriv = tonumber(H.read_file("/proc/sys/net/ipv4/ip_unprivileged_port_start") or "1024") or 1024
-      if unpriv <= 80 then pending("ip_unprivileged_port_start allows port 80 to everyone") return end
-      for _, op in ipairs { "listen", "bind" } do
-        local out = H.tmpname("priv")
-        local p = io.popen(prefix .. "timeout 10 env LUA_PATH_5_4=" .. H.shell_quote(package.path)
-          .. " LUA_CPATH_5_4=" .. H.shell_quote(package.cpath) .. " lua5.4 "
-          .. H.shell_quote(H.fixture("share_master.lua")) .. " " .. op .. " 80 127.0.0.1 > " .. out
-          .. " 2>&1 & echo $!")
-        local pid = H.track(p:read("a"))
-        p:close()
-        assert.is_true(H.wait_until(function() return (H.read_file(out) or ""):find("\n") ~= nil end, 5000))
-        assert.equal("error EACCES bind\n", H.read_file(out))
-        H.kill_all()
-        os.remove(out)
-        assert.is_truthy(pid)
-      end
+      local lines, why = S.unprivileged_masters({ "listen", "bind" }, 80)
+      if not lines then pending(why) return end
+      assert.same({ "error EACCES bind\n", "error EACCES bind\n" }, lines)
     end)
   end)
 
@@ -763,6 +696,7 @@ describe("sharing, SCHED_RR", function()
     assert.is_true((by[ws[1].process.pid] or 0) > 0 and (by[ws[2].process.pid] or 0) > 0)
     local now
     local same = H.wait_until(function()
+      collectgarbage()
       now = { S.fd_count(me), S.fd_count(ws[1].process.pid), S.fd_count(ws[2].process.pid) }
       return now[1] == before[1] and now[2] == before[2] and now[3] == before[3]
     end, 3000, 50)

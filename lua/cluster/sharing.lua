@@ -217,6 +217,10 @@ function M.installMaster(cluster)
       else
         local h = core.tcp_new()
         ok, _, code = h:bind(host, msg.port, { ipv6Only = msg.ipv6Only })
+        -- libuv delays a bind's EADDRINUSE to uv_listen, which listen_fd does not call
+        -- (a plain listen(2) would then bind the socket to a random port on every
+        -- interface); getsockname reports the delayed error
+        if ok then ok, _, code = h:getsockname() end
         if ok then ok, _, code = core.listen_fd(h, msg.backlog) end
         if ok then entry.handle = h else h:close() end
       end
