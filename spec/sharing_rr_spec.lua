@@ -250,6 +250,15 @@ describe("sharing, SCHED_RR", function()
         local who = S.udp_ask(ports[1])
         assert.is_truthy(who and pids[who], "a datagram was not answered by a worker")
       end
+      -- the workers disconnect (closing their sockets) and exit 0; the master lets go of the port
+      for _, w in ipairs(ws) do w:send({ cmd = "disconnect" }) end
+      for _, w in ipairs(ws) do assert.equal(0, (wait_exit(w))) end
+      local again = track(dgram.createSocket("udp4"))
+      local bound, err = false, nil
+      again:on("error", function(e) err = e end)
+      again:bind(ports[1], "127.0.0.1", function() bound = true end)
+      assert.is_true(H.wait_until(function() return bound or err ~= nil end, 3000))
+      assert.is_nil(err)
     end)
 
     it("dgram-2 (Node test-cluster-dgram-2): workers send datagrams to a socket the master bound; all arrive", function()
@@ -399,6 +408,27 @@ describe("sharing, SCHED_RR", function()
       assert.equal(0, (wait_exit(ws[2])))
       ws[1]:disconnect()
       assert.equal(0, (wait_exit(ws[1])))
+    end)
+
+    it("a worker that closes and listens again while connections it was handed are still unanswered gets connections again", function()
+      local ws = S.fork(2)
+      local port = S.listen_all(ws, "again", at(0))[1].address.port
+      -- while worker 2's loop is blocked: it is told to close and listen again, and then
+      -- handed connections, which it answers only after that (refusing them)
+      ws[2]:send({ cmd = "block", ms = 300 })
+      assert(S.take(ws[2], "blocking"))
+      H.run_for(40)
+      ws[2]:send({ cmd = "close", tag = "again" })
+      ws[2]:send({ cmd = "relisten", tag = "again", opts = at(0) })
+      local by, total = S.tally(S.clients(10, at(port), 10))
+      assert.equal(10, total)
+      local r = S.take(ws[2], "listening", "again")
+      assert.truthy(r)
+      assert.equal(port, r.address.port)
+      H.run_for(50)
+      by, total = S.tally(S.clients(20, at(port), 1))
+      assert.equal(20, total)
+      assert.is_true((by[ws[2].process.pid] or 0) > 0, "worker 2 listens again but gets no connections")
     end)
 
     it("rr-domain-listen (Node test-cluster-rr-domain-listen): a worker killed at its 'listening' exits and its port is released", function()
