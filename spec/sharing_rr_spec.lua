@@ -213,28 +213,37 @@ describe("sharing, SCHED_RR", function()
       assert.equal(ws[2].process.pid, answered_by(ask({ path = b .. "/s.sock" })))
     end)
 
-    it("closing a worker's relative unix socket never unlinks a same-named file in the master's cwd", function()
+    it("closing a worker's relative unix socket, short or too long for sun_path as an absolute path, never unlinks a same-named file in the master's cwd", function()
       local dir = S.tmpdir()
       dirs[#dirs + 1] = dir
       local wdir, mdir = dir .. "/worker", dir .. "/master"
       assert(os.execute("mkdir " .. H.shell_quote(wdir) .. " " .. H.shell_quote(mdir)))
-      local decoy = io.open(mdir .. "/decoy.sock", "w")
-      decoy:write("keep me")
-      decoy:close()
+      local long = string.rep("L", 100)
+      assert.is_true(#(wdir .. "/" .. long) > 107)
+      for _, name in ipairs { "decoy.sock", long } do
+        local decoy = io.open(mdir .. "/" .. name, "w")
+        decoy:write("keep me")
+        decoy:close()
+      end
       local w = S.fork(1)[1]
       w:send({ cmd = "chdir", dir = wdir })
       assert(S.take(w, "chdir"))
       local here = core.cwd()
       local ok, err = pcall(function()
         core.chdir(mdir)
-        assert.equal("listening", S.listen(w, "d", { path = "decoy.sock" }).ev)
-        S.close(w, "d")
+        for _, name in ipairs { "decoy.sock", long } do
+          assert.equal("listening", S.listen(w, name, { path = name }).ev)
+          assert.is_true(S.exists(wdir .. "/" .. name))
+          S.close(w, name)
+        end
         H.run_for(50)
       end)
       core.chdir(here)
       assert(ok, err)
-      assert.equal("keep me", H.read_file(mdir .. "/decoy.sock"))
-      assert.is_false(S.exists(wdir .. "/decoy.sock"))
+      for _, name in ipairs { "decoy.sock", long } do
+        assert.equal("keep me", H.read_file(mdir .. "/" .. name))
+        assert.is_false(S.exists(wdir .. "/" .. name))
+      end
     end)
 
     it("dgram-1 (Node test-cluster-dgram-1): two workers bind the same UDP port through the master; datagrams to it are received and answered", function()
