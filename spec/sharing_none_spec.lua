@@ -152,6 +152,22 @@ describe("sharing, SCHED_NONE", function()
     assert.is_false(S.exists(wdir .. "/decoy.sock"))
   end)
 
+  it("a server closed before the master answered its listen never listens: no 'listening' reaches the master and the port is let go", function()
+    local w = S.fork(1)[1]
+    local heard = 0
+    cluster.on("listening", function() heard = heard + 1 end)
+    local port = S.free_port()
+    w:send({ cmd = "listenclose", tag = "t", opts = at(port) })
+    assert(S.take(w, "closed", "t"))
+    assert.equal("listening", S.listen(w, "later", at(0)).ev)
+    assert.is_true(H.wait_until(function() return heard == 1 end, 3000))
+    H.run_for(20)
+    assert.equal(1, heard)
+    assert.is_false(S.has(w, "listening", "t"))
+    local s = local_server(port, "127.0.0.1")
+    assert.equal(port, s:address().port)
+  end)
+
   it("shared-handle-bind-error (Node test-cluster-shared-handle-bind-error): a listen on a port another server holds fails with EADDRINUSE, syscall bind, and the worker disconnects and exits 0", function()
     local _, port = local_server(0, "127.0.0.1")
     local w = S.fork(1)[1]

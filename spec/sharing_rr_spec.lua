@@ -246,6 +246,32 @@ describe("sharing, SCHED_RR", function()
       end
     end)
 
+    it("a server or dgram socket closed before the master answered its listen never listens: no 'listening' reaches the master and the port is let go", function()
+      local w = S.fork(1)[1]
+      local heard = {}
+      cluster.on("listening", function(_, a) heard[#heard + 1] = a end)
+      local port, uport = S.free_port(), S.free_port()
+      w:send({ cmd = "listenclose", tag = "t", opts = at(port) })
+      w:send({ cmd = "bindclose", tag = "u", port = uport, address = "127.0.0.1" })
+      assert(S.take(w, "closed", "t"))
+      assert(S.take(w, "closed", "u"))
+      -- a later listen on the same worker round-trips to the master after the above
+      assert.equal("listening", S.listen(w, "later", at(0)).ev)
+      assert.is_true(H.wait_until(function() return #heard == 1 end, 3000))
+      H.run_for(20)
+      assert.equal(1, #heard)
+      assert.is_false(S.has(w, "listening", "t"))
+      assert.is_false(S.has(w, "listening", "u"))
+      local s = local_server(port, "127.0.0.1")
+      assert.equal(port, s:address().port)
+      local u = track(dgram.createSocket("udp4"))
+      local bound, err = false, nil
+      u:on("error", function(e) err = e end)
+      u:bind(uport, "127.0.0.1", function() bound = true end)
+      assert.is_true(H.wait_until(function() return bound or err ~= nil end, 3000))
+      assert.is_nil(err)
+    end)
+
     it("dgram-1 (Node test-cluster-dgram-1): two workers bind the same UDP port through the master; datagrams to it are received and answered", function()
       local ws = S.fork(2)
       local ports = {}

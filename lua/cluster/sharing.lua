@@ -399,6 +399,8 @@ function M.installWorker(cluster)
         rr_servers[reply.rr] = server
         cluster._hold()
         server:_setListening(opts.path or reply.sockname)
+        -- closed before this answer came: it has let go already, nothing is listening
+        if shared[server] ~= key then return end
       elseif not server:_adoptHandle(handle) then
         shared[server] = nil
         release_key()
@@ -435,6 +437,8 @@ function M.installWorker(cluster)
         end
       end
       socket:_adoptHandle(handle)
+      -- closed before this answer came: it has let go already, nothing is bound
+      if shared[socket] ~= key then return end
       report_listening(address_type, reply.sockname)
     end)
   end
