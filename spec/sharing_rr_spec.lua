@@ -569,6 +569,43 @@ describe("sharing, SCHED_RR", function()
     end)
   end)
 
+  describe("a misbehaving worker", function()
+    it("cannot make the master raise or listen with malformed listen requests or handles of the wrong kind", function()
+      local ws = S.fork(2)
+      local bad, other = ws[1], ws[2]
+      local _, port = local_server(0, "127.0.0.1", function(c) track(c) end)
+      local cases = {
+        { msg = { act = "queryServer", seq = 900, key = "k1", addressType = -1, path = 123 } },
+        { msg = { act = "queryServer", seq = 901, key = {}, addressType = 4 } },
+        { msg = { act = "queryServer", seq = 902, key = "k3", addressType = 4, address = "127.0.0.1", port = "http" } },
+        { msg = { act = "queryServer", seq = 903, key = "k4", addressType = "udp9", port = 0 } },
+        { msg = { act = "queryServer", seq = 904, key = "k5", addressType = 4, port = 0, backlog = -1 } },
+        { msg = { act = "close", key = {} } },
+        { msg = { act = "handle", kind = "net.Socket", msg = "x" }, with = "udp" },
+        { msg = { act = "handle", kind = "dgram.Socket", udpType = "bogus", msg = "x" }, with = "udp" },
+        { msg = { act = "handle", kind = "net.Server", msg = "x" }, with = "tcp", port = port },
+        { msg = { act = "handle", kind = "no.Such", msg = "x" }, with = "udp" },
+      }
+      local got = {}
+      cluster.on("message", function(_, m, handle) got[#got + 1] = { m, handle } end)
+      for i, c in ipairs(cases) do
+        bad:send({ cmd = "raw", tag = "r" .. i, msg = c.msg, with = c.with, port = c.port })
+        assert(S.take(bad, "sent", "r" .. i))
+      end
+      -- the master is still serving: both workers listen and answer
+      local rs = S.listen_all(ws, "after", at(0))
+      assert.equal("listening", rs[1].ev)
+      assert.equal("listening", rs[2].ev)
+      local by, total = S.tally(S.clients(10, at(rs[1].address.port), 1))
+      assert.equal(10, total)
+      assert.is_true((by[other.process.pid] or 0) > 0)
+      -- the handles that did not fit their kind arrived as messages without an object
+      local objects = 0
+      for _, g in ipairs(got) do if g[2] ~= nil then objects = objects + 1 end end
+      assert.equal(0, objects)
+    end)
+  end)
+
   describe("handles passed with messages", function()
     it("send-deadlock (Node test-cluster-send-deadlock): the master passes accepted sockets to a worker, which answers on them; the master's copy is closed, so the client sees EOF", function()
       local w = S.fork(1)[1]

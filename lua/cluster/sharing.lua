@@ -75,20 +75,37 @@ function M.sendWithHandle(channel, message, obj, callback)
   return res
 end
 
---- Turns a received raw handle into the object the sender had.
+local HANDLE_TYPES = {   -- kind -> the raw handle types it can be made of
+  ["net.Server"] = { ["cluster.tcp"] = true, ["cluster.pipe"] = true },
+  ["net.Socket"] = { ["cluster.tcp"] = true, ["cluster.pipe"] = true },
+  ["dgram.Socket"] = { ["cluster.udp"] = true },
+}
+
+--- Turns a received raw handle into the object the sender had, or nil (the handle
+-- closed) when the message's kind does not fit the descriptor that came with it: what
+-- a peer sends must not be able to raise here.
 function M.wrapHandle(kind, raw, udp_type)
+  local mt = getmetatable(raw)
+  local fits = type(kind) == "string" and HANDLE_TYPES[kind]
+  if not (fits and type(mt) == "table" and fits[mt.__name])
+     or (udp_type ~= nil and udp_type ~= "udp4" and udp_type ~= "udp6") then
+    raw:close()
+    return nil
+  end
   if kind == "net.Server" then
     local net = require "cluster.net"
     local server = net.createServer()
-    server:_adoptHandle(raw)
+    -- a descriptor that cannot listen (a connected socket sent as a server) fails
+    -- without an 'error' that nobody could have listened for yet
+    local swallow = function() end
+    server:on("error", swallow)
+    if not server:_adoptHandle(raw) then return nil end
+    server:off("error", swallow)
     return server
   elseif kind == "net.Socket" then
     return require("cluster.net")._wrapStream(raw)
-  elseif kind == "dgram.Socket" then
-    return require("cluster.dgram")._wrapUdp(raw, udp_type)
   end
-  raw:close()
-  return nil
+  return require("cluster.dgram")._wrapUdp(raw, udp_type)
 end
 
 -- ---------------------------------------------------------------------------
@@ -241,7 +258,30 @@ function M.installMaster(cluster)
     return (h:getsockname())
   end
 
+  local ADDRESS_TYPES = { [4] = true, [6] = true, [-1] = true, udp4 = true, udp6 = true }
+  local function optional(v, t) return v == nil or type(v) == t end
+  local function integer_in(v, lo, hi) return math.type(v) == "integer" and v >= lo and v <= hi end
+
+  -- A queryServer as this module's workers send it; anything else is refused, so a
+  -- worker cannot make the master raise or listen on something it did not mean.
+  local function well_formed(msg)
+    if type(msg.key) ~= "string" or not ADDRESS_TYPES[msg.addressType] then return false end
+    if not (optional(msg.address, "string") and optional(msg.path, "string") and optional(msg.cwd, "string")) then
+      return false
+    end
+    if msg.backlog ~= nil and not integer_in(msg.backlog, 0, 0x7fffffff) then return false end
+    if msg.addressType == -1 then return msg.path ~= nil end
+    return msg.path == nil and integer_in(msg.port, 0, 65535)
+  end
+
   function internal.queryServer(worker, msg)
+    -- Node: a worker being disconnected gets no new servers (and no answer)
+    if worker._disconnecting or not worker._connected then return end
+    if not well_formed(msg) then
+      cluster._sendInternal(worker, { act = "queryReply", seq = msg.seq, err = {
+        code = "EINVAL", syscall = "bind", message = "bind EINVAL (malformed listen request)" } })
+      return
+    end
     local entry = entries[msg.key]
     if not entry then
       local err
