@@ -590,7 +590,7 @@ describe("sharing, SCHED_RR", function()
       cluster.on("message", function(_, m, handle) got[#got + 1] = { m, handle } end)
       for i, c in ipairs(cases) do
         bad:send({ cmd = "raw", tag = "r" .. i, msg = c.msg, with = c.with, port = c.port })
-        assert(S.take(bad, "sent", "r" .. i))
+        assert(S.take(bad, "sent", "r" .. i), "worker gone after case " .. i)
       end
       -- the master is still serving: both workers listen and answer
       local rs = S.listen_all(ws, "after", at(0))

@@ -341,9 +341,14 @@ function M.installWorker(cluster)
 
   function internal.queryReply(msg, handle)
     local fn = pending[msg.seq]
+    if not fn then
+      -- not an answer to a query of ours: nothing waits for it
+      if handle then handle:close() end
+      return
+    end
     pending[msg.seq] = nil
     cluster._release()
-    if fn then fn(msg, handle) elseif handle then handle:close() end
+    fn(msg, handle)
   end
 
   function internal.handle(msg, raw)
