@@ -13,7 +13,7 @@ local function get(port)
 end
 
 local function children_of(pid)
-  local p = io.popen("pgrep -P " .. pid)
+  local p = S.popen("pgrep -P " .. pid)
   local list = {}
   for line in p:lines() do list[#list + 1] = math.tointeger(tonumber(line)) end
   p:close()

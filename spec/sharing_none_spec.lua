@@ -43,7 +43,7 @@ describe("sharing, SCHED_NONE", function()
     local rs = S.listen_all(ws, "n", at(0))
     local port = rs[1].address.port
     assert.equal(port, rs[2].address.port)
-    if os.execute("command -v ss >/dev/null 2>&1") then
+    if S.sh("command -v ss >/dev/null 2>&1") then
       local holders = S.ss_holders(port)
       assert.is_true(holders[ws[1].process.pid], "worker 1 does not hold the listening socket")
       assert.is_true(holders[ws[2].process.pid], "worker 2 does not hold the listening socket")
@@ -89,7 +89,7 @@ describe("sharing, SCHED_NONE", function()
 
   it("ipv6Only and backlog pass through to the socket the master binds", function()
     local w = S.fork(1)[1]
-    if os.execute("command -v ss >/dev/null 2>&1") then
+    if S.sh("command -v ss >/dev/null 2>&1") then
       local r = S.listen(w, "b", { port = 0, host = "127.0.0.1", backlog = 9 })
       assert.equal(9, S.ss_backlog(r.address.port))
     end
@@ -104,7 +104,7 @@ describe("sharing, SCHED_NONE", function()
 
   it("net-listen-relative-path (Node test-cluster-net-listen-relative-path): a relative unix path is bound in the worker's cwd and removed when the last worker closes it", function()
     local sockdir = tmpdir() .. "/unix-socket-dir"
-    assert(os.execute("mkdir " .. H.shell_quote(sockdir)))
+    assert(S.sh("mkdir " .. H.shell_quote(sockdir)))
     local name = string.rep("A", 100 - #"./unix-socket-dir" - 1)
     local ws = S.fork(2)
     for _, w in ipairs(ws) do
@@ -132,7 +132,7 @@ describe("sharing, SCHED_NONE", function()
   it("closing a worker's relative unix socket never unlinks a same-named file in the master's cwd", function()
     local dir = tmpdir()
     local wdir, mdir = dir .. "/worker", dir .. "/master"
-    assert(os.execute("mkdir " .. H.shell_quote(wdir) .. " " .. H.shell_quote(mdir)))
+    assert(S.sh("mkdir " .. H.shell_quote(wdir) .. " " .. H.shell_quote(mdir)))
     local decoy = io.open(mdir .. "/decoy.sock", "w")
     decoy:write("keep me")
     decoy:close()

@@ -154,7 +154,7 @@ describe("sharing, SCHED_RR", function()
     end)
 
     it("backlog passes through to the master's listening socket", function()
-      if not os.execute("command -v ss >/dev/null 2>&1") then pending("no ss(8)") return end
+      if not S.sh("command -v ss >/dev/null 2>&1") then pending("no ss(8)") return end
       local w = S.fork(1)[1]
       local r = S.listen(w, "b", { port = 0, host = "127.0.0.1", backlog = 7 })
       assert.equal(7, ss_backlog(r.address.port))
@@ -166,7 +166,7 @@ describe("sharing, SCHED_RR", function()
       local dir = S.tmpdir()
       dirs[#dirs + 1] = dir
       local sockdir = dir .. "/unix-socket-dir"
-      assert(os.execute("mkdir " .. H.shell_quote(sockdir)))
+      assert(S.sh("mkdir " .. H.shell_quote(sockdir)))
       local name = string.rep("A", 100 - #"./unix-socket-dir" - 1)
       assert.is_true(#(sockdir .. "/" .. name) > 100)
       local ws = S.fork(2)
@@ -198,7 +198,7 @@ describe("sharing, SCHED_RR", function()
       local dir = S.tmpdir()
       dirs[#dirs + 1] = dir
       local a, b = dir .. "/a", dir .. "/b"
-      assert(os.execute("mkdir " .. H.shell_quote(a) .. " " .. H.shell_quote(b)))
+      assert(S.sh("mkdir " .. H.shell_quote(a) .. " " .. H.shell_quote(b)))
       local ws = S.fork(2)
       ws[1]:send({ cmd = "chdir", dir = a })
       ws[2]:send({ cmd = "chdir", dir = b })
@@ -217,7 +217,7 @@ describe("sharing, SCHED_RR", function()
       local dir = S.tmpdir()
       dirs[#dirs + 1] = dir
       local wdir, mdir = dir .. "/worker", dir .. "/master"
-      assert(os.execute("mkdir " .. H.shell_quote(wdir) .. " " .. H.shell_quote(mdir)))
+      assert(S.sh("mkdir " .. H.shell_quote(wdir) .. " " .. H.shell_quote(mdir)))
       local long = string.rep("L", 100)
       assert.is_true(#(wdir .. "/" .. long) > 107)
       for _, name in ipairs { "decoy.sock", long } do
@@ -482,7 +482,7 @@ describe("sharing, SCHED_RR", function()
       local port = S.listen(w, "a", at(0)).address.port
       local me = core.getpid()
       local list = H.tmpname("fds")
-      local p = io.popen("prlimit --pid " .. me .. " --nofile -o SOFT --noheadings 2>/dev/null")
+      local p = S.popen("prlimit --pid " .. me .. " --nofile -o SOFT --noheadings 2>/dev/null")
       local soft = p:read("a"):match("%d+")
       p:close()
       if not soft then pending("no prlimit(1)") return end
@@ -490,15 +490,15 @@ describe("sharing, SCHED_RR", function()
       local r = S.client(at(port))
       -- the client's socket exists; now no descriptor is left for the master's accept
       local ok, err = pcall(function()
-        assert(os.execute("ls /proc/" .. me .. "/fd > " .. list))
+        assert(S.sh("ls /proc/" .. me .. "/fd > " .. list))
         local used = {}
         for fd in io.lines(list) do used[math.tointeger(tonumber(fd))] = true end
         local lowest = 0
         while used[lowest] do lowest = lowest + 1 end
-        assert(os.execute("prlimit --pid " .. me .. " --nofile=" .. lowest .. ": >/dev/null 2>&1"))
+        assert(S.sh("prlimit --pid " .. me .. " --nofile=" .. lowest .. ": >/dev/null 2>&1"))
         H.wait_until(function() return r.done end, 3000)
       end)
-      os.execute(restore)
+      S.sh(restore)
       os.remove(list)
       assert(ok, err)
       assert.is_true(r.done)
