@@ -13,6 +13,7 @@
 #include <errno.h>
 #include <stdlib.h>
 #include <sys/socket.h>
+#include <netinet/in.h>
 #include <string.h>
 
 #define TNAME "cluster.rr"
@@ -231,7 +232,16 @@ static rr_member *find_member(rr *r, lua_State *L, int idx) {
 static int rr_add(lua_State *L) {
   rr *r = check_rr(L);
   luaL_argcheck(L, cl_channel_test(L, 2) != NULL, 2, "expected an open channel");
-  if (find_member(r, L, 2)) return 0;
+  rr_member *existing = find_member(r, L, 2);
+  if (existing) {
+    /* a worker that closed and listens again while still answering: back in turn */
+    if (existing->leaving) {
+      existing->leaving = 0;
+      r->member_count++;
+      dispatch(r);
+    }
+    return 0;
+  }
   rr_member *m = calloc(1, sizeof *m);
   if (m == NULL) return luaL_error(L, "rr:add: out of memory");
   m->channel_box = lua_touserdata(L, 2);
@@ -386,6 +396,19 @@ static int l_listen_fd(lua_State *L) {
   int backlog = (int)luaL_optinteger(L, 2, 511);
   uv_os_fd_t fd;
   int err = uv_fileno(&h->u.handle, &fd);
+  if (!err && h->u.handle.type == UV_TCP) {
+    /* libuv keeps a bind's EADDRINUSE until uv_listen; the socket is then unbound,
+     * and listen(2) would bind it to a random port. An unbound socket has port 0. */
+    struct sockaddr_storage ss;
+    socklen_t len = sizeof ss;
+    if (getsockname(fd, (struct sockaddr *)&ss, &len) != 0) {
+      err = uv_translate_sys_error(errno);
+    } else {
+      int port = ss.ss_family == AF_INET6 ? ((struct sockaddr_in6 *)&ss)->sin6_port
+                                          : ((struct sockaddr_in *)&ss)->sin_port;
+      if (port == 0) err = UV_EADDRINUSE;
+    }
+  }
   if (!err && listen(fd, backlog) != 0) err = uv_translate_sys_error(errno);
   if (err) return cl_push_fail(L, err, "bind");
   lua_pushboolean(L, 1);
