@@ -9,28 +9,18 @@
 local core = require "cluster.core"
 local Emitter = require "cluster.emitter"
 local loop = require "cluster.loop"
-local net = require "cluster.net"
+local errors = require "cluster.errors"
 
 local type, select, error, tostring, setmetatable, getmetatable, pairs =
   type, select, error, tostring, setmetatable, getmetatable, pairs
 local math_type, math_tointeger, tonumber, concat = math.type, math.tointeger, tonumber, table.concat
 local defer = loop.defer
-local uv_error = net._uvError
+local uv_error = errors.fromUv
 
 local M = {}
 
-local function argerror(fname, n, name, msg)
-  error(("%s: bad argument #%d (%s): %s"):format(fname, n, name, msg), 3)
-end
-
-local function typeerror(fname, n, name, expected, got)
-  argerror(fname, n, name, ("expected %s, got %s"):format(expected, type(got)))
-end
-
-local function emit_error(self, err)
-  if self:listenerCount("error") == 0 then error(err, 0) end
-  self:emit("error", err)
-end
+local argerror, typeerror = errors.argerror, errors.typeerror
+local emit_error = errors.emit
 
 local function to_port(v)
   if math_type(v) == "float" then v = math_tointeger(v) end

@@ -18,4 +18,31 @@ function M.new(code, syscall, message, fields)
   return e
 end
 
+--- An error object for a libuv error name (the code of luv's triple), with the
+-- contract's fields; `detail` (an address, a path) goes at the end of the message.
+function M.fromUv(code, syscall, detail, fields)
+  local ok, e = pcall(require("cluster.core").error_object, code, syscall, detail)
+  if not ok then -- not a libuv name: build the same shape in Lua
+    e = M.new(code, syscall, detail and (syscall .. " " .. code .. " " .. detail) or (syscall .. " " .. code))
+  end
+  if fields then for k, v in pairs(fields) do e[k] = v end end
+  return e
+end
+
+--- Emits 'error'(err) on an emitter, raising err when nobody listens (Node's rule).
+function M.emit(emitter, err)
+  if emitter:listenerCount("error") == 0 then error(err, 0) end
+  emitter:emit("error", err)
+end
+
+--- Raises "fname: bad argument #n (name): msg" at the caller of the API function.
+function M.argerror(fname, n, name, msg)
+  error(("%s: bad argument #%d (%s): %s"):format(fname, n, name, msg), 3)
+end
+
+--- Raises "fname: bad argument #n (name): expected X, got T".
+function M.typeerror(fname, n, name, expected, got)
+  error(("%s: bad argument #%d (%s): expected %s, got %s"):format(fname, n, name, expected, type(got)), 3)
+end
+
 return M

@@ -27,29 +27,8 @@ local DEFAULT_BACKLOG = 511
 -- ---------------------------------------------------------------------------
 -- helpers
 
-local function argerror(fname, n, name, msg)
-  error(("%s: bad argument #%d (%s): %s"):format(fname, n, name, msg), 3)
-end
-
-local function typeerror(fname, n, name, expected, got)
-  argerror(fname, n, name, ("expected %s, got %s"):format(expected, type(got)))
-end
-
---- An error object for a libuv error name (as returned in luv's triple).
-local function uv_error(code, syscall, detail, fields)
-  local ok, e = pcall(core.error_object, code, syscall, detail)
-  if not ok then -- not a libuv name: build the same shape in Lua
-    e = errors.new(code, syscall, detail and (syscall .. " " .. code .. " " .. detail) or (syscall .. " " .. code))
-  end
-  if fields then for k, v in pairs(fields) do e[k] = v end end
-  return e
-end
-
--- Raises err (an error object) when nobody listens for 'error', as Node's emitter does.
-local function emit_error(self, err)
-  if self:listenerCount("error") == 0 then error(err, 0) end
-  self:emit("error", err)
-end
+local argerror, typeerror = errors.argerror, errors.typeerror
+local uv_error, emit_error = errors.fromUv, errors.emit
 
 -- A port: an integer, or a string of digits, in 0..65535; nil if v is not one.
 local function to_port(v)
