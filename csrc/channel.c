@@ -161,6 +161,18 @@ static int submit(cl_channel *ch, char *data, size_t len, int cbs, uv_stream_t *
 /* Hands the pending bytes to libuv as one write. */
 static void flush(cl_channel *ch) {
   if (ch->out.len == 0 || cl_handle_is_closing(&ch->h)) return;
+  /* Small flushes (answers, internal messages) usually fit in the pipe: write them now
+   * and keep the buffer, sparing a malloc, a write request and the epoll re-arm libuv
+   * does when a request completes. Not when callbacks wait: they run from on_written. */
+  if (ch->out_cbs == LUA_NOREF) {
+    uv_buf_t b = uv_buf_init(ch->out.data, (unsigned)ch->out.len);
+    int n = uv_try_write(&ch->h.u.stream, &b, 1);
+    if (n == (int)ch->out.len) { ch->out.len = 0; return; }
+    if (n > 0) {
+      memmove(ch->out.data, ch->out.data + n, ch->out.len - (size_t)n);
+      ch->out.len -= (size_t)n;
+    }
+  }
   char *data = ch->out.data;
   size_t len = ch->out.len;
   int cbs = ch->out_cbs;
@@ -282,6 +294,21 @@ int cl_channel_send_conn(cl_channel *ch, uint32_t rr_id, uint32_t seq, uv_stream
                          void (*done)(void *arg, int status), void *arg) {
   if (cl_handle_is_closing(&ch->h)) return UV_EPIPE;
   flush(ch); /* keep order with messages queued before this connection */
+  char frame[CL_FRAME_HEADER + 9];
+  put_le32(frame, 9);
+  frame[4] = (char)(CL_FRAME_CONN | CL_FRAME_HANDLE);
+  put_le32(frame + 5, rr_id);
+  put_le32(frame + 9, seq);
+  /* the worker accepts it into a handle of this kind without asking the kernel */
+  frame[13] = (char)(conn->type == UV_TCP ? 1 : 2);
+  size_t len = sizeof frame, off = 0;
+  /* Written at once when libuv holds nothing queued (its try_write refuses otherwise,
+   * which keeps the order): no request, no callback, no epoll re-arm. */
+  uv_buf_t tb = uv_buf_init(frame, (unsigned)len);
+  int n = uv_try_write2(&ch->h.u.stream, &tb, 1, conn);
+  if (n == (int)len) return CL_CONN_SENT;
+  if (n > 0) off = (size_t)n; /* the descriptor left with the first bytes */
+  else if (n != UV_EAGAIN) return n;
   write_req *wr = malloc(sizeof *wr);
   if (wr == NULL) return UV_ENOMEM;
   wr->ch = ch;
@@ -291,12 +318,11 @@ int cl_channel_send_conn(cl_channel *ch, uint32_t rr_id, uint32_t seq, uv_stream
   wr->send_handle_ref = LUA_NOREF;
   wr->done = done;
   wr->done_arg = arg;
-  put_le32(wr->small, 8);
-  wr->small[4] = (char)(CL_FRAME_CONN | CL_FRAME_HANDLE);
-  put_le32(wr->small + 5, rr_id);
-  put_le32(wr->small + 9, seq);
-  uv_buf_t buf = uv_buf_init(wr->small, CL_FRAME_HEADER + 8);
-  int err = uv_write2(&wr->req, &ch->h.u.stream, &buf, 1, conn, on_written);
+  memcpy(wr->small, frame + off, len - off);
+  uv_buf_t buf = uv_buf_init(wr->small, (unsigned)(len - off));
+  int err = off ? uv_write(&wr->req, &ch->h.u.stream, &buf, 1, on_written)
+                : uv_write2(&wr->req, &ch->h.u.stream, &buf, 1, conn, on_written);
+  /* uv_write fails only on a closing channel: a partly written frame dies with it */
   if (err) free(wr);
   return err;
 }
@@ -369,28 +395,31 @@ static void fail_channel(cl_channel *ch, const char *why) {
   }
 }
 
-static void queue_pending_handles(cl_channel *ch) {
+/* Accepts the next descriptor libuv holds for us into a handle of `type`, or of the
+ * kind the kernel reports when type is UV_UNKNOWN_HANDLE (uv_pipe_pending_type costs
+ * four system calls: isatty, fstat, getsockname, getsockopt). Pushes it and returns 1;
+ * returns 0 when there is none. A descriptor of a kind we can't wrap fails the channel
+ * (left pending, it would be paired with the next frame). */
+static int accept_pending(cl_channel *ch, uv_handle_type type) {
   lua_State *L = ch->h.L;
   uv_pipe_t *pipe = &ch->h.u.pipe;
   while (uv_pipe_pending_count(pipe) > 0) {
-    uv_handle_type type = uv_pipe_pending_type(pipe);
-    uv_handle_t *client = cl_stream_new(L, type);
-    if (client == NULL) { lua_pop(L, 1); fail_channel(ch, "received a descriptor of an unsupported kind"); return; }
-    int err = uv_accept((uv_stream_t *)pipe, (uv_stream_t *)client);
-    if (err) {
-      cl_handle_close(client->data);
+    uv_handle_type t = type != UV_UNKNOWN_HANDLE ? type : uv_pipe_pending_type(pipe);
+    uv_handle_t *client = cl_stream_new(L, t);
+    if (client == NULL) {
       lua_pop(L, 1);
-      continue;
+      fail_channel(ch, "received a descriptor of an unsupported kind");
+      return 0;
     }
-    lua_rawgeti(L, LUA_REGISTRYINDEX, ch->handles_ref);
-    lua_insert(L, -2);
-    lua_rawseti(L, -2, ++ch->handles_tail);
+    if (uv_accept((uv_stream_t *)pipe, (uv_stream_t *)client) == 0) return 1;
+    cl_handle_close(client->data);
     lua_pop(L, 1);
   }
+  return 0;
 }
 
-/* Pushes the oldest received handle (or nil). */
-static int pop_handle(cl_channel *ch) {
+/* Pushes the oldest queued handle (or nothing, returning 0). */
+static int pop_queued(cl_channel *ch) {
   lua_State *L = ch->h.L;
   if (ch->handles_head >= ch->handles_tail) return 0;
   lua_rawgeti(L, LUA_REGISTRYINDEX, ch->handles_ref);
@@ -402,6 +431,14 @@ static int pop_handle(cl_channel *ch) {
   return 1;
 }
 
+/* Pushes the handle for the frame being parsed: descriptors are accepted in frame
+ * order, when their frame is read, so a handed connection's kind comes from its frame. */
+static int pop_handle_typed(cl_channel *ch, uv_handle_type type) {
+  return pop_queued(ch) || accept_pending(ch, type);
+}
+
+static int pop_handle(cl_channel *ch) { return pop_handle_typed(ch, UV_UNKNOWN_HANDLE); }
+
 /* A hand-off frame. Returns 0 when the channel failed. */
 static int handle_conn_frame(cl_channel *ch, int flags, const char *p, uint32_t len) {
   lua_State *L = ch->h.L;
@@ -411,8 +448,8 @@ static int handle_conn_frame(cl_channel *ch, int flags, const char *p, uint32_t 
     if (conn_answer_fn) conn_answer_fn(ch, get_le32(p), get_le32(p + 4), p[8] != 0);
     return 1;
   }
-  if (len != 8) { fail_channel(ch, "received a malformed connection frame"); return 0; }
-  if (!pop_handle(ch)) { fail_channel(ch, "a connection frame arrived without its descriptor"); return 0; }
+  if (len != 9 || (p[8] != 1 && p[8] != 2)) { fail_channel(ch, "received a malformed connection frame"); return 0; }
+  if (!pop_handle_typed(ch, p[8] == 1 ? UV_TCP : UV_NAMED_PIPE)) { fail_channel(ch, "a connection frame arrived without its descriptor"); return 0; }
   if (!cl_push_cb(&ch->h, CB_CONN)) {
     /* nobody takes connections here: refuse, so the master hands it to another worker */
     cl_handle *rh = cl_handle_test(L, -1);
@@ -499,7 +536,6 @@ static void on_read(uv_stream_t *stream, ssize_t nread, const uv_buf_t *buf) {
   (void)buf;
   if (nread > 0) {
     ch->in.len += (size_t)nread;
-    queue_pending_handles(ch);
     parse_frames(ch);
     return;
   }
@@ -603,7 +639,7 @@ static void channel_free(cl_handle *h) {
   cl_buf_free(&ch->out);
   luaL_unref(L, LUA_REGISTRYINDEX, ch->out_cbs);
   /* received handles nobody took are closed */
-  while (pop_handle(ch)) {
+  while (pop_queued(ch)) {
     cl_handle *rh = cl_handle_test(L, -1);
     if (rh && !cl_handle_is_closing(rh)) cl_handle_close(rh);
     lua_pop(L, 1);

@@ -27,7 +27,9 @@ cl_channel *cl_channel_test(lua_State *L, int idx);
 int cl_channel_is_open(cl_channel *ch);
 
 /* Sends a connection to a worker (master side); done(arg, status) runs once written.
- * Returns 0 or a libuv error (then done is not called). */
+ * Returns 0, CL_CONN_SENT (written already; done is not called) or a libuv error
+ * (then done is not called). */
+#define CL_CONN_SENT 1
 int cl_channel_send_conn(cl_channel *ch, uint32_t rr_id, uint32_t seq, uv_stream_t *conn,
                          void (*done)(void *arg, int status), void *arg);
 

@@ -140,7 +140,9 @@ static void dispatch(rr *r) {
     m->unanswered = c;
     m->inflight++;
     int err = cl_channel_send_conn(member_channel(m), r->id, c->seq, &c->u.stream, on_handed, c);
-    if (err) {
+    if (err == CL_CONN_SENT) {
+      c->writing = 0; /* wait for the answer */
+    } else if (err) {
       c->writing = 0;
       unlink_unanswered(m, c);
       enqueue(r, c, 1);

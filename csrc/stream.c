@@ -93,6 +93,40 @@ int cl_parse_addr(const char *host, int port, struct sockaddr_storage *ss) {
   return UV_EINVAL;
 }
 
+/* Dotted quad without printf: libuv's uv_ip4_name goes through snprintf, which
+ * costs more than the rest of accepting a connection's bookkeeping. */
+static size_t format_ip4(char *out, const struct sockaddr_in *in) {
+  const unsigned char *a = (const unsigned char *)&in->sin_addr;
+  char *p = out;
+  for (int i = 0; i < 4; i++) {
+    unsigned v = a[i];
+    if (v >= 100) { *p++ = (char)('0' + v / 100); v %= 100; *p++ = (char)('0' + v / 10); v %= 10; }
+    else if (v >= 10) { *p++ = (char)('0' + v / 10); v %= 10; }
+    *p++ = (char)('0' + v);
+    if (i < 3) *p++ = '.';
+  }
+  return (size_t)(p - out);
+}
+
+/* Pushes address, port, family of sa (3 values; nils for an unknown family). */
+static void push_sockaddr_values(lua_State *L, const struct sockaddr *sa) {
+  char ip[INET6_ADDRSTRLEN + 16];
+  if (sa->sa_family == AF_INET) {
+    const struct sockaddr_in *in = (const struct sockaddr_in *)sa;
+    lua_pushlstring(L, ip, format_ip4(ip, in));
+    lua_pushinteger(L, ntohs(in->sin_port));
+    lua_pushliteral(L, "IPv4");
+  } else if (sa->sa_family == AF_INET6) {
+    const struct sockaddr_in6 *in6 = (const struct sockaddr_in6 *)sa;
+    uv_ip6_name(in6, ip, sizeof ip);
+    lua_pushstring(L, ip);
+    lua_pushinteger(L, ntohs(in6->sin6_port));
+    lua_pushliteral(L, "IPv6");
+  } else {
+    lua_pushnil(L); lua_pushnil(L); lua_pushnil(L);
+  }
+}
+
 void cl_push_sockaddr(lua_State *L, const struct sockaddr *sa) {
   char ip[INET6_ADDRSTRLEN + 16] = "";
   int port = 0;
@@ -475,6 +509,21 @@ static int push_name(lua_State *L, cl_handle *h, int peer) {
   return 1;
 }
 
+/* tcp:addresses() -> remoteAddress, remotePort, remoteFamily, localAddress, localPort,
+ * localFamily (nils where unknown): both ends at once, without tables, for every
+ * accepted connection. */
+static int s_addresses(lua_State *L) {
+  cl_handle *h = cl_handle_check(L, 1, TCP_TNAME);
+  struct sockaddr_storage ss;
+  int len = sizeof ss;
+  if (uv_tcp_getpeername(&h->u.tcp, (struct sockaddr *)&ss, &len) == 0) push_sockaddr_values(L, (struct sockaddr *)&ss);
+  else { lua_pushnil(L); lua_pushnil(L); lua_pushnil(L); }
+  len = sizeof ss;
+  if (uv_tcp_getsockname(&h->u.tcp, (struct sockaddr *)&ss, &len) == 0) push_sockaddr_values(L, (struct sockaddr *)&ss);
+  else { lua_pushnil(L); lua_pushnil(L); lua_pushnil(L); }
+  return 6;
+}
+
 /* s:getsockname() / s:getpeername() -> {address=, port=, family=} (tcp) or path (pipe) */
 static int s_getsockname(lua_State *L) { return push_name(L, check_stream(L, 1), 0); }
 static int s_getpeername(lua_State *L) { return push_name(L, check_stream(L, 1), 1); }
@@ -543,7 +592,7 @@ void cl_open_stream(lua_State *L) {
     {"ref", cl_handle_ref_method}, {"unref", cl_handle_unref_method},
     {NULL, NULL}};
   static const luaL_Reg tcp_methods[] = {
-    {"nodelay", s_nodelay}, {"keepalive", s_keepalive}, {NULL, NULL}};
+    {"nodelay", s_nodelay}, {"keepalive", s_keepalive}, {"addresses", s_addresses}, {NULL, NULL}};
   /* The tcp metatable gets the stream methods plus its own. */
   cl_handle_register(L, TCP_TNAME, methods);
   luaL_getmetatable(L, TCP_TNAME);

@@ -71,8 +71,14 @@ M.Socket = Socket
 
 local start_reading, schedule_flush
 
+-- A new 'data' listener gets what was buffered, or starts the reading that nobody
+-- wanted before; a socket already reading with nothing buffered needs no flush (no
+-- deferred call, so no timer, for every accepted connection).
 local function on_new_listener(self, name)
-  if name == "data" and not self._paused then schedule_flush(self) end
+  if name == "data" and not self._paused
+     and (self._buffer[1] or self._eof or not self._reading) then
+    schedule_flush(self)
+  end
 end
 
 local function new_socket(options)
@@ -104,14 +110,8 @@ end
 local function set_addresses(self)
   local h = self._handle
   if kind_of(h) ~= "tcp" then return end
-  local peer = h:getpeername()
-  if peer then
-    self.remoteAddress, self.remotePort, self.remoteFamily = peer.address, peer.port, peer.family
-  end
-  local sock = h:getsockname()
-  if sock then
-    self.localAddress, self.localPort, self.localFamily = sock.address, sock.port, sock.family
-  end
+  self.remoteAddress, self.remotePort, self.remoteFamily,
+    self.localAddress, self.localPort, self.localFamily = h:addresses()
 end
 
 -- Wraps a connected stream userdata.
