@@ -72,9 +72,18 @@ end
 M.clearInterval = M.clearTimeout
 
 -- Deferred calls: run on the next loop turn, in order, never inside the caller.
-local queue, queued_timer = {}, nil
+-- One timer handle serves every turn (started only while calls are queued, so it keeps
+-- the loop alive exactly then); no allocation per turn beyond the queued call itself.
+local queue, armed, defer_handle = {}, false, nil
 
 local run_deferred
+
+local function arm(ms)
+  if armed then return end
+  armed = true
+  if not defer_handle then defer_handle = core.timer() end
+  defer_handle:start(ms, 0, run_deferred)
+end
 
 -- When a deferred call raises, the error goes up to run()/poll() as any callback's does;
 -- the calls queued after it must still run on a later turn, not be lost.
@@ -84,13 +93,13 @@ local function requeue_rest(q, from)
   for j = 1, #queue do rest[#rest + 1] = queue[j] end
   queue = rest
   -- 1 ms, not 0: a 0 ms timer would still run in this turn, before run() re-raises
-  if #queue > 0 and not queued_timer then queued_timer = M.setTimeout(run_deferred, 1) end
+  if #queue > 0 then armed = false arm(1) end
 end
 
 function run_deferred()
   local q = queue
   queue = {}
-  queued_timer = nil
+  armed = false
   local pos = 0
   local finished = false
   local _ <close> = setmetatable({}, { __close = function()
@@ -107,9 +116,7 @@ end
 --- Calls fn(...) on the next turn of the loop (Node's process.nextTick / setImmediate).
 function M.defer(fn, ...)
   queue[#queue + 1] = { fn, n = select("#", ...) + 1, ... }
-  if not queued_timer then
-    queued_timer = M.setTimeout(run_deferred, 0)
-  end
+  arm(0)
 end
 
 --- Runs the loop until nothing is left to do or stop() is called.
