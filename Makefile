@@ -64,6 +64,8 @@ asan: deps
 bench: $(SO)
 	$(MAKE) deps EXTRA_PACKAGES="$(BENCH_PACKAGES)"
 	bash bench/run
+	bash bench/http/run
+	bash bench/reload/run
 
 clean:
 	rm -rf build build-asan
