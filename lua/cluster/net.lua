@@ -191,12 +191,11 @@ function Socket:_read(err, chunk)
     return
   end
   self.bytesRead = self.bytesRead + #chunk
-  if self._paused or self._buffer[1] or self:listenerCount("data") == 0 then
-    -- nobody takes it now: keep it and stop reading (backpressure to the peer)
+  -- emit() says whether anyone took it; if nobody did (or the socket is paused, or
+  -- older chunks wait), keep it and stop reading: backpressure to the peer
+  if self._paused or self._buffer[1] or not self:emit("data", chunk) then
     self._buffer[#self._buffer + 1] = chunk
     stop_reading(self)
-  else
-    self:emit("data", chunk)
   end
 end
 
