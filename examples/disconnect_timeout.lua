@@ -2,26 +2,31 @@
 --   worker.on('listening') -> worker.send('shutdown'); worker.disconnect();
 --                             timeout = setTimeout(function() { worker.kill(); }, 2000);
 --   worker.on('disconnect') -> clearTimeout(timeout);
---   the worker has connections that never end and does nothing on 'shutdown'.
--- Without sockets: the master starts the shutdown on 'online' instead of
--- 'listening', and the worker, instead of holding a connection that never ends,
--- is stuck in a long synchronous job, so it never gets to the disconnect request
--- and never closes its channel. The master's kill timer (1000 ms here) fires.
+--   the worker's server has connections that never end and does nothing on 'shutdown'.
+-- Here the master itself opens the connection that never ends (a client of the worker's
+-- server), so the worker's disconnect waits for it and the kill timer (1000 ms) fires.
 local cluster = require "cluster"
+local net = require "cluster.net"
 
 if cluster.isMaster then
   local worker = cluster.fork()
   local timeout
   local killed = false
+  local client
 
-  worker:on("online", function()
-    worker:send("shutdown")
-    worker:disconnect()
-    timeout = cluster.setTimeout(function()
-      print("worker did not disconnect in time: killing it")
-      killed = true
-      worker:kill()
-    end, 1000)
+  worker:on("listening", function(address)
+    -- a connection that never ends
+    client = net.connect(address.port, "127.0.0.1", function()
+      worker:send("shutdown")
+      worker:disconnect()
+      timeout = cluster.setTimeout(function()
+        print("worker did not disconnect in time: killing it")
+        killed = true
+        worker:kill()
+      end, 1000)
+    end)
+    client:on("error", function() end)
+    client:on("close", function() print("the never-ending connection closed") end)
   end)
 
   worker:on("disconnect", function()
@@ -30,18 +35,21 @@ if cluster.isMaster then
 
   worker:on("exit", function(code, signal)
     print(("worker %d exited (%s)"):format(worker.id, signal or code))
+    client:destroy()
   end)
 
   cluster.run()
   assert(killed, "the kill timer should have fired")
 else
+  local server = net.createServer(function(socket)
+    -- connections never end
+  end)
+  server:listen(0)
+
   cluster.worker:on("message", function(msg)
     if msg == "shutdown" then
-      -- initiate graceful close of any connections... this worker ignores it
+      -- initiate graceful close of any connections to server (this one doesn't)
     end
   end)
-  -- a job that takes far longer than the master is willing to wait (10 s of CPU)
-  local stop = os.clock() + 10
-  while os.clock() < stop do end
   cluster.run()
 end

@@ -2,11 +2,11 @@
 --   cluster.on('fork')      -> timeouts[worker.id] = setTimeout(errorMsg, 2000)
 --   cluster.on('listening') -> clearTimeout(timeouts[worker.id])
 --   cluster.on('exit')      -> clearTimeout(timeouts[worker.id]); errorMsg()
--- 'listening' needs sockets, so here a worker clears its watcher with an explicit
--- message {cmd = "ready"} (what a worker would send once its server is up).
--- Worker 1 reports ready; worker 2 is told (through its env) to hang, so its
--- watcher fires and the master kills it. The delay is 1000 ms, not 2000, to keep it short.
+-- Worker 1 listens (on a free port shared through the master); worker 2 is told, through
+-- its env, never to listen, so its watcher fires and the master kills it. The delay is
+-- 1000 ms, not 2000, to keep the example short; then the master disconnects everyone.
 local cluster = require "cluster"
+local net = require "cluster.net"
 
 if cluster.isMaster then
   local timeouts = {}
@@ -23,21 +23,14 @@ if cluster.isMaster then
       worker:kill()
     end, 1000)
   end)
-  cluster.on("message", function(worker, msg)
-    if type(msg) == "table" and msg.cmd == "ready" then
-      print("worker " .. worker.id .. " is ready: watcher cleared")
-      cluster.clearTimeout(timeouts[worker.id])
-      worker:disconnect()
-    end
+  cluster.on("listening", function(worker, address)
+    print(("worker %d is listening on port %d: watcher cleared"):format(worker.id, address.port))
+    cluster.clearTimeout(timeouts[worker.id])
   end)
   cluster.on("exit", function(worker, code, signal)
     cluster.clearTimeout(timeouts[worker.id])
-    -- the seed reports every exit; report only the ones nobody asked for
-    if not worker.exitedAfterDisconnect then
-      print(("worker %d exited unexpectedly (%s)"):format(worker.id, signal or code))
-    else
-      print("worker " .. worker.id .. " exited after disconnect")
-    end
+    print(("worker %d exited (%s)"):format(worker.id, signal or code))
+    if signal then cluster.disconnect() end -- the hung one is gone: end the example
   end)
 
   cluster.fork()
@@ -46,11 +39,10 @@ if cluster.isMaster then
   assert(fired == 1, "exactly one watcher should have fired")
 else
   if os.getenv("HANG") then
-    -- never report ready; stay alive until the master's watcher kills us
+    -- never listen; stay alive until the master's watcher kills us
     cluster.setInterval(function() end, 1000)
   else
-    cluster.worker:on("message", function() end) -- stay connected until disconnected
-    cluster.worker:send { cmd = "ready" }
+    net.createServer(function(socket) socket:close("hello\n") end):listen(0)
   end
   cluster.run()
 end
