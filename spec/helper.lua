@@ -88,10 +88,38 @@ function H.alive(pid)
   return state ~= nil and state ~= "Z" and state ~= "X"
 end
 
+-- The start time of a process (field 22 of /proc/PID/stat), or nil once it is gone:
+-- with pid_max at 32768 and thousands of processes per run, pids are reused, so a
+-- tracked pid is only ours while its start time is the one we saw.
+local function start_time(pid)
+  local f = io.open("/proc/" .. tostring(pid) .. "/stat", "r")
+  if not f then return nil end
+  local s = f:read("a") or ""
+  f:close()
+  local rest = s:match("%) (.*)$")
+  if not rest then return nil end
+  local i = 2
+  for field in rest:gmatch("%S+") do
+    i = i + 1
+    if i == 22 then return field end
+  end
+  return nil
+end
+
+local tracked_start = {}  -- pid -> start time when tracked
+
+-- Is this tracked pid still the process we tracked (and alive)?
+local function tracked_alive(pid)
+  return H.alive(pid) and start_time(pid) == tracked_start[pid]
+end
+
 --- Remembers a pid that kill_all must SIGKILL (a process not forked by this master).
 function H.track(pid)
   pid = math.tointeger(tonumber(pid))
-  if pid then tracked_pids[#tracked_pids + 1] = pid end
+  if pid then
+    tracked_pids[#tracked_pids + 1] = pid
+    tracked_start[pid] = tracked_start[pid] or start_time(pid)
+  end
   return pid
 end
 
@@ -113,14 +141,14 @@ function H.kill_all(timeout_ms)
     if pid and not w:isDead() then core.kill(pid, "SIGKILL") end
   end
   for _, pid in ipairs(tracked_pids) do
-    if H.alive(pid) then core.kill(pid, "SIGKILL") end
+    if tracked_alive(pid) then core.kill(pid, "SIGKILL") end
   end
   local ok = H.wait_until(function()
     if next(cluster._all or {}) ~= nil or next(cluster.workers) ~= nil then return false end
-    for _, pid in ipairs(tracked_pids) do if H.alive(pid) then return false end end
+    for _, pid in ipairs(tracked_pids) do if tracked_alive(pid) then return false end end
     return true
   end, timeout_ms or 5000)
-  if ok then tracked_pids = {} end
+  if ok then tracked_pids, tracked_start = {}, {} end
   return ok
 end
 
