@@ -67,8 +67,7 @@ static cl_channel *flush_list = NULL;
 static uv_prepare_t flusher;
 static int flusher_ready = 0;
 
-static void flush(cl_channel *ch);
-static void flush_now(cl_channel *ch);
+static void flush(cl_channel *ch, int in_loop);
 
 static void on_prepare(uv_prepare_t *p) {
   cl_channel *ch;
@@ -76,7 +75,7 @@ static void on_prepare(uv_prepare_t *p) {
     flush_list = ch->next_pending;
     ch->in_flush_list = 0;
     ch->next_pending = NULL;
-    flush_now(ch);
+    flush(ch, 1);
   }
   uv_prepare_stop(p);
 }
@@ -158,16 +157,24 @@ static int submit(cl_channel *ch, char *data, size_t len, int cbs, uv_stream_t *
   return err;
 }
 
-/* Hands the pending bytes to libuv as one write. */
-static void flush(cl_channel *ch) {
+/* Hands the pending bytes to the pipe. When libuv holds no queued write (uv_try_write
+ * refuses otherwise, which keeps the order) they are written at once and the buffer is
+ * kept for the next turn: no malloc, no write request, no epoll re-arm. Only what the
+ * pipe does not take now becomes a libuv write request. Send callbacks waiting on these
+ * bytes run only when called from the loop (in_loop), never inside a send or a close. */
+static void flush(cl_channel *ch, int in_loop) {
   if (ch->out.len == 0 || cl_handle_is_closing(&ch->h)) return;
-  /* Small flushes (answers, internal messages) usually fit in the pipe: write them now
-   * and keep the buffer, sparing a malloc, a write request and the epoll re-arm libuv
-   * does when a request completes. Not when callbacks wait: they run from on_written. */
-  if (ch->out_cbs == LUA_NOREF) {
+  if (in_loop || ch->out_cbs == LUA_NOREF) {
     uv_buf_t b = uv_buf_init(ch->out.data, (unsigned)ch->out.len);
     int n = uv_try_write(&ch->h.u.stream, &b, 1);
-    if (n == (int)ch->out.len) { ch->out.len = 0; return; }
+    if (n == (int)ch->out.len) {
+      int cbs = ch->out_cbs;
+      ch->out_cbs = LUA_NOREF;
+      ch->out.len = 0;
+      if (ch->out.cap > 1024 * 1024) cl_buf_free(&ch->out); /* don't keep a huge buffer */
+      run_write_cbs(ch->h.L, cbs, 0);
+      return;
+    }
     if (n > 0) {
       memmove(ch->out.data, ch->out.data + n, ch->out.len - (size_t)n);
       ch->out.len -= (size_t)n;
@@ -181,32 +188,6 @@ static void flush(cl_channel *ch) {
   ch->out_cbs = LUA_NOREF;
   int err = submit(ch, data, len, cbs, NULL, LUA_NOREF);
   if (err) run_write_cbs(ch->h.L, cbs, err);
-}
-
-/* From the loop (the prepare phase): when libuv holds no queued write, write directly
- * and keep the buffer for the next turn; only what the socket does not take now becomes
- * a libuv write request. Saves a request, an allocation and a poll registration per
- * turn, which is most of a message round trip's own cost. Callbacks may run here. */
-static void flush_now(cl_channel *ch) {
-  if (ch->out.len == 0 || cl_handle_is_closing(&ch->h)) return;
-  if (uv_stream_get_write_queue_size(&ch->h.u.stream) != 0) { flush(ch); return; }
-  uv_buf_t buf = uv_buf_init(ch->out.data, (unsigned)ch->out.len);
-  int n = uv_try_write(&ch->h.u.stream, &buf, 1);
-  if (n == (int)ch->out.len) {
-    int cbs = ch->out_cbs;
-    ch->out_cbs = LUA_NOREF;
-    ch->out.len = 0;
-    if (ch->out.cap > 1024 * 1024) cl_buf_free(&ch->out); /* don't keep a huge buffer */
-    run_write_cbs(ch->h.L, cbs, 0);
-    return;
-  }
-  if (n > 0) {
-    memmove(ch->out.data, ch->out.data + n, ch->out.len - (size_t)n);
-    ch->out.len -= (size_t)n;
-  } else if (n != UV_EAGAIN && n != UV_ENOSYS) {
-    /* a broken pipe: let the write request report it the usual way */
-  }
-  flush(ch);
 }
 
 static cl_channel *check_channel(lua_State *L, int idx) {
@@ -276,7 +257,7 @@ static int ch_send(lua_State *L) {
   }
   cl_buf frame = {0};
   encode_frame(L, &frame, 3, flags | CL_FRAME_HANDLE, "worker:send");
-  flush(ch);
+  flush(ch, 0);
   int cbs = LUA_NOREF;
   if (!lua_isnoneornil(L, 5)) { lua_pushvalue(L, 5); cbs = luaL_ref(L, LUA_REGISTRYINDEX); }
   lua_pushvalue(L, 4);
@@ -293,7 +274,7 @@ static int ch_send(lua_State *L) {
 int cl_channel_send_conn(cl_channel *ch, uint32_t rr_id, uint32_t seq, uv_stream_t *conn,
                          void (*done)(void *arg, int status), void *arg) {
   if (cl_handle_is_closing(&ch->h)) return UV_EPIPE;
-  flush(ch); /* keep order with messages queued before this connection */
+  flush(ch, 0); /* keep order with messages queued before this connection */
   char frame[CL_FRAME_HEADER + 9];
   put_le32(frame, 9);
   frame[4] = (char)(CL_FRAME_CONN | CL_FRAME_HANDLE);
@@ -350,7 +331,7 @@ static int ch_answer(lua_State *L) {
 static int ch_flush_sync(lua_State *L) {
   cl_channel *ch = check_channel(L, 1);
   int timeout = (int)luaL_optinteger(L, 2, 1000);
-  if (uv_stream_get_write_queue_size(&ch->h.u.stream) != 0) { flush(ch); lua_pushboolean(L, 0); return 1; }
+  if (uv_stream_get_write_queue_size(&ch->h.u.stream) != 0) { flush(ch, 0); lua_pushboolean(L, 0); return 1; }
   uv_os_fd_t fd;
   uv_fileno(&ch->h.u.handle, &fd);
   size_t off = 0;
@@ -615,7 +596,7 @@ static int ch_close(lua_State *L) {
   cl_handle **box = luaL_checkudata(L, 1, TNAME);
   cl_channel *ch = (cl_channel *)*box;
   if (ch == NULL || cl_handle_is_closing(&ch->h)) return 0;
-  flush(ch);
+  flush(ch, 0);
   unlink_flush(ch);
   ch->closed_reported = 1; /* a close we asked for is not reported back */
   return cl_handle_close_method(L);
