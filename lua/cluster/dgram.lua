@@ -296,19 +296,8 @@ function Socket:dropMembership(group, iface)
   return self
 end
 
---- Lets the loop end while the socket is open. @treturn Socket self
-function Socket:unref()
-  self._unref = true
-  if self._handle then self._handle:unref() end
-  return self
-end
-
---- Undoes `unref`. @treturn Socket self
-function Socket:ref()
-  self._unref = false
-  if self._handle then self._handle:ref() end
-  return self
-end
+-- Socket:unref() / Socket:ref(): whether the open socket keeps the loop alive
+loop.refMethods(Socket)
 
 --- Wraps a bound cluster.udp handle (received over the IPC channel) as a Socket,
 -- already receiving. Internal.

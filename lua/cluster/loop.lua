@@ -119,6 +119,23 @@ function M.defer(fn, ...)
   arm(0)
 end
 
+--- Gives a class of objects that own a handle in `self._handle` the methods
+-- `unref()` (the loop may end while the object is open) and `ref()` (undoes it).
+-- `self._unref` remembers the choice for a handle the object gets later; a destroyed
+-- object's handle is left alone.
+function M.refMethods(class)
+  function class:unref()
+    self._unref = true
+    if self._handle and not self.destroyed then self._handle:unref() end
+    return self
+  end
+  function class:ref()
+    self._unref = false
+    if self._handle and not self.destroyed then self._handle:ref() end
+    return self
+  end
+end
+
 --- Runs the loop until nothing is left to do or stop() is called.
 -- An error raised in a callback stops the loop and is re-raised here with its traceback.
 function M.run() return core.run() end

@@ -480,19 +480,8 @@ function Socket:address()
   return (h:getsockname())
 end
 
---- Lets the loop end while this socket is open. @treturn Socket self
-function Socket:unref()
-  self._unref = true
-  if self._handle and not self.destroyed then self._handle:unref() end
-  return self
-end
-
---- Undoes `unref`. @treturn Socket self
-function Socket:ref()
-  self._unref = false
-  if self._handle and not self.destroyed then self._handle:ref() end
-  return self
-end
+-- Socket:unref() / Socket:ref(): whether the open socket keeps the loop alive
+loop.refMethods(Socket)
 
 --- Opens a connection: `net.connect(port[, host][, callback])`, `net.connect(path[, callback])`
 -- or `net.connect({port=, host=, path=, allowHalfOpen=}[, callback])`.
@@ -825,19 +814,8 @@ function Server:getConnections(callback)
   return self
 end
 
---- Lets the loop end while the server listens. @treturn Server self
-function Server:unref()
-  self._unref = true
-  if self._handle then self._handle:unref() end
-  return self
-end
-
---- Undoes `unref`. @treturn Server self
-function Server:ref()
-  self._unref = false
-  if self._handle then self._handle:ref() end
-  return self
-end
+-- Server:unref() / Server:ref(): whether the open server keeps the loop alive
+loop.refMethods(Server)
 
 --- Wraps a listening stream handle (received over the IPC channel) as a Server. Internal.
 function M._wrapServer(stream)
