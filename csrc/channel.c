@@ -136,15 +136,26 @@ static void on_written(uv_write_t *req, int status) {
   run_write_cbs(L, cbs, status);
 }
 
-static int submit(cl_channel *ch, char *data, size_t len, int cbs, uv_stream_t *send_handle, int send_handle_ref) {
+/* A write request with nothing attached: no buffer, no Lua callbacks, no C completion. */
+static write_req *new_write_req(cl_channel *ch) {
   write_req *wr = malloc(sizeof *wr);
-  if (wr == NULL) { free(data); return UV_ENOMEM; }
+  if (wr == NULL) return NULL;
   wr->ch = ch;
   wr->L = ch->h.L;
+  wr->data = NULL;
+  wr->cbs = LUA_NOREF;
+  wr->send_handle_ref = LUA_NOREF;
+  wr->done = NULL;
+  wr->done_arg = NULL;
+  return wr;
+}
+
+static int submit(cl_channel *ch, char *data, size_t len, int cbs, uv_stream_t *send_handle, int send_handle_ref) {
+  write_req *wr = new_write_req(ch);
+  if (wr == NULL) { free(data); return UV_ENOMEM; }
   wr->data = data;
   wr->cbs = cbs;
   wr->send_handle_ref = send_handle_ref;
-  wr->done = NULL;
   uv_buf_t buf = uv_buf_init(data, (unsigned)len);
   int err = send_handle
     ? uv_write2(&wr->req, &ch->h.u.stream, &buf, 1, send_handle, on_written)
@@ -290,13 +301,8 @@ int cl_channel_send_conn(cl_channel *ch, uint32_t rr_id, uint32_t seq, uv_stream
   if (n == (int)len) return CL_CONN_SENT;
   if (n > 0) off = (size_t)n; /* the descriptor left with the first bytes */
   else if (n != UV_EAGAIN) return n;
-  write_req *wr = malloc(sizeof *wr);
+  write_req *wr = new_write_req(ch);
   if (wr == NULL) return UV_ENOMEM;
-  wr->ch = ch;
-  wr->L = ch->h.L;
-  wr->data = NULL;
-  wr->cbs = LUA_NOREF;
-  wr->send_handle_ref = LUA_NOREF;
   wr->done = done;
   wr->done_arg = arg;
   memcpy(wr->small, frame + off, len - off);

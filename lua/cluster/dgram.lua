@@ -89,14 +89,7 @@ end
 -- @treturn Socket self
 function Socket:bind(...)
   local fname = "socket:bind"
-  local n = select("#", ...)
-  local args = { ... }
-  local cb
-  if n > 0 and type(args[n]) == "function" then
-    cb = args[n]
-    args[n] = nil
-    n = n - 1
-  end
+  local args, n, cb = errors.splitCallback(...)
   local opts
   if type(args[1]) == "table" then
     local o = args[1]

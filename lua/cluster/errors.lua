@@ -45,4 +45,18 @@ function M.typeerror(fname, n, name, expected, got)
   error(("%s: bad argument #%d (%s): expected %s, got %s"):format(fname, n, name, expected, type(got)), 3)
 end
 
+--- Splits a trailing callback off variable arguments (Node's optional last callback).
+-- @treturn table the other arguments @treturn integer their count @return the callback or nil
+function M.splitCallback(...)
+  local n = select("#", ...)
+  local args = { ... }
+  local cb
+  if n > 0 and type(args[n]) == "function" then
+    cb = args[n]
+    args[n] = nil
+    n = n - 1
+  end
+  return args, n, cb
+end
+
 return M

@@ -535,14 +535,7 @@ end
 
 local function normalize_listen(...)
   local fname = "server:listen"
-  local n = select("#", ...)
-  local args = { ... }
-  local cb
-  if n > 0 and type(args[n]) == "function" then
-    cb = args[n]
-    args[n] = nil
-    n = n - 1
-  end
+  local args, n, cb = errors.splitCallback(...)
   local a1 = args[1]
   local opts
   if type(a1) == "table" then
