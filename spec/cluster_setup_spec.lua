@@ -214,6 +214,10 @@ describe("cluster settings", function()
       pending("the master is not root")
       return
     end
+    if not H.readable_by_nobody(H.worker_files(WORKER)) then
+      pending("the checkout is not readable by uid 65534 (a private directory)")
+      return
+    end
     cluster.setupMaster({ exec = WORKER, uid = 65534, gid = 65534 })
     local w = cluster.fork()
     cluster.setupMaster({ uid = 0, gid = 0 })   -- settings accumulate: back to root

@@ -113,6 +113,25 @@ local function tracked_alive(pid)
   return H.alive(pid) and start_time(pid) == tracked_start[pid]
 end
 
+--- Can user/group 65534 (nobody) read every one of these files? A checkout inside a
+-- private (0700) directory can't be run by a worker that drops privileges; the specs
+-- that drop them are pending there instead of failing for a reason outside the code.
+function H.readable_by_nobody(paths)
+  if not os.execute("command -v setpriv >/dev/null 2>&1") then return false end
+  for _, path in ipairs(paths) do
+    local ok = os.execute("setpriv --reuid=65534 --regid=65534 --clear-groups test -r " ..
+      H.shell_quote(path) .. " 2>/dev/null")
+    if not ok then return false end
+  end
+  return true
+end
+
+--- The files a worker running as nobody must read: its script, the cluster modules, the core.
+function H.worker_files(script)
+  return { script, package.searchpath("cluster", package.path),
+           package.searchpath("cluster.core", package.cpath) }
+end
+
 --- Remembers a pid that kill_all must SIGKILL (a process not forked by this master).
 function H.track(pid)
   pid = math.tointeger(tonumber(pid))
