@@ -20,6 +20,7 @@
 #include <fcntl.h>
 #include <errno.h>
 #include <stdio.h>
+#include <sys/socket.h>
 
 #define TNAME "cluster.channel"
 #define CB_MESSAGE 0
@@ -282,17 +283,58 @@ static int ch_send(lua_State *L) {
   return 1;
 }
 
+void cl_channel_conn_frame(char *out, uint32_t rr_id, uint32_t seq, int is_tcp) {
+  put_le32(out, 9);
+  out[4] = (char)(CL_FRAME_CONN | CL_FRAME_HANDLE);
+  put_le32(out + 5, rr_id);
+  put_le32(out + 9, seq);
+  /* the worker accepts it into a handle of this kind without asking the kernel */
+  out[13] = (char)(is_tcp ? 1 : 2);
+}
+
+int cl_channel_send_conns(cl_channel *ch, const char *frames, size_t len, const int *fds, int n) {
+  if (cl_handle_is_closing(&ch->h)) return UV_EPIPE;
+  if (n < 1 || n > CL_CONN_BATCH_MAX) return UV_EINVAL;
+  flush(ch, 0); /* keep order with messages queued before these connections */
+  /* the same rule as uv_try_write: nothing may overtake what libuv holds queued */
+  if (ch->out.len > 0 || uv_stream_get_write_queue_size(&ch->h.u.stream) > 0) return UV_EAGAIN;
+  uv_os_fd_t fd;
+  int err = uv_fileno(&ch->h.u.handle, &fd);
+  if (err) return err;
+  union {
+    char buf[CMSG_SPACE(sizeof(int) * CL_CONN_BATCH_MAX)];
+    struct cmsghdr align;
+  } control;
+  memset(&control, 0, sizeof control);
+  struct iovec iov = { .iov_base = (void *)frames, .iov_len = len };
+  struct msghdr msg = { .msg_iov = &iov, .msg_iovlen = 1, .msg_control = control.buf,
+                        .msg_controllen = CMSG_SPACE(sizeof(int) * (size_t)n) };
+  struct cmsghdr *cmsg = CMSG_FIRSTHDR(&msg);
+  cmsg->cmsg_level = SOL_SOCKET;
+  cmsg->cmsg_type = SCM_RIGHTS;
+  cmsg->cmsg_len = CMSG_LEN(sizeof(int) * (size_t)n);
+  memcpy(CMSG_DATA(cmsg), fds, sizeof(int) * (size_t)n);
+  ssize_t sent;
+  do sent = sendmsg(fd, &msg, 0); while (sent < 0 && errno == EINTR);
+  if (sent < 0) return errno == EAGAIN || errno == EWOULDBLOCK ? UV_EAGAIN : uv_translate_sys_error(errno);
+  if ((size_t)sent < len) {
+    /* the descriptors left with the first bytes; the rest of the frames queue */
+    char *rest = malloc(len - (size_t)sent);
+    if (rest == NULL) return UV_ENOMEM;
+    memcpy(rest, frames + sent, len - (size_t)sent);
+    /* fails only on a closing channel: the frames die with it, and the worker's exit
+     * hands its unanswered connections to another worker */
+    submit(ch, rest, len - (size_t)sent, LUA_NOREF, NULL, LUA_NOREF);
+  }
+  return CL_CONN_SENT;
+}
+
 int cl_channel_send_conn(cl_channel *ch, uint32_t rr_id, uint32_t seq, uv_stream_t *conn,
                          void (*done)(void *arg, int status), void *arg) {
   if (cl_handle_is_closing(&ch->h)) return UV_EPIPE;
   flush(ch, 0); /* keep order with messages queued before this connection */
-  char frame[CL_FRAME_HEADER + 9];
-  put_le32(frame, 9);
-  frame[4] = (char)(CL_FRAME_CONN | CL_FRAME_HANDLE);
-  put_le32(frame + 5, rr_id);
-  put_le32(frame + 9, seq);
-  /* the worker accepts it into a handle of this kind without asking the kernel */
-  frame[13] = (char)(conn->type == UV_TCP ? 1 : 2);
+  char frame[CL_CONN_FRAME];
+  cl_channel_conn_frame(frame, rr_id, seq, conn->type == UV_TCP);
   size_t len = sizeof frame, off = 0;
   /* Written at once when libuv holds nothing queued (its try_write refuses otherwise,
    * which keeps the order): no request, no callback, no epoll re-arm. */

@@ -26,6 +26,20 @@ uv_pipe_t *cl_channel_pipe(cl_channel *ch);
 cl_channel *cl_channel_test(lua_State *L, int idx);
 int cl_channel_is_open(cl_channel *ch);
 
+/* A hand-off frame: header + u32 rr id + u32 seq + u8 kind (1 tcp, 2 unix pipe). */
+#define CL_CONN_FRAME (CL_FRAME_HEADER + 9)
+void cl_channel_conn_frame(char *out, uint32_t rr_id, uint32_t seq, int is_tcp);
+
+/* At most this many connections travel in one message: libuv's receiving side takes
+ * up to 64 descriptors per read. */
+#define CL_CONN_BATCH_MAX 32
+
+/* Sends n hand-off frames (len bytes, built by cl_channel_conn_frame) with their n
+ * descriptors in one message, when the channel has nothing queued. Returns
+ * CL_CONN_SENT, UV_EAGAIN (nothing was sent: the channel is backed up; send them one
+ * by one with cl_channel_send_conn) or another libuv error. */
+int cl_channel_send_conns(cl_channel *ch, const char *frames, size_t len, const int *fds, int n);
+
 /* Sends a connection to a worker (master side); done(arg, status) runs once written.
  * Returns 0, CL_CONN_SENT (written already; done is not called) or a libuv error
  * (then done is not called). */

@@ -31,10 +31,14 @@ static int l_poll(lua_State *L) {
   return 1;
 }
 
-/* core.run_once(): blocks for at most one round of I/O. */
+/* core.run_once(): runs one round; blocks for I/O only when nothing is ready. (libuv's
+ * UV_RUN_ONCE runs due timers and then still blocks for I/O, so a 0 ms timer started
+ * before the call, as loop.defer's is, would wait for the next unrelated event.) */
 static int l_run_once(lua_State *L) {
   raise_pending(L);
-  int alive = uv_run(cl_loop(), UV_RUN_ONCE);
+  uv_loop_t *loop = cl_loop();
+  uv_update_time(loop);
+  int alive = uv_run(loop, uv_backend_timeout(loop) == 0 ? UV_RUN_NOWAIT : UV_RUN_ONCE);
   raise_pending(L);
   lua_pushboolean(L, alive);
   return 1;

@@ -6,23 +6,43 @@
  * copy of every handed connection until the worker answers: accepted -> closed here;
  * refused, or the worker left or died first -> handed to another worker. So connections
  * in flight to a dying worker are not lost. A connection refused by every member in turn
- * is closed. */
+ * is closed.
+ *
+ * The per-connection path avoids libuv's handle machinery: the listening socket is a
+ * raw descriptor watched by a uv_poll, connections are accept4'ed into plain
+ * descriptors, and the connections one loop turn gives a worker leave in one sendmsg
+ * (cl_channel_send_conns). The master's copy is closed with close(2) once the worker
+ * answers. Only when a channel is backed up does a connection get wrapped in a libuv
+ * handle to queue behind the channel's other writes (cl_channel_send_conn). */
+#define _GNU_SOURCE /* accept4 */
 #include "channel.h"
 #include "stream.h"
 
 #include <errno.h>
 #include <stdlib.h>
 #include <sys/socket.h>
+#include <sys/un.h>
 #include <netinet/in.h>
 #include <string.h>
+#include <unistd.h>
 
 #define TNAME "cluster.rr"
 
 typedef struct rr rr;
 typedef struct rr_member rr_member;
 
+/* At most this many connections are accepted per readiness callback (then the loop
+ * serves the channels), and at most this many leave in one hand-off message: libuv's
+ * receiving side takes up to 64 descriptors per read. */
+#define ACCEPT_BUDGET 64
+#define BATCH_MAX CL_CONN_BATCH_MAX
+/* After EMFILE and friends the listener rests this long; connections wait in the
+ * kernel's backlog meanwhile instead of being accepted and dropped. */
+#define ACCEPT_RETRY_MS 50
+
 typedef struct rr_conn {
-  union { uv_handle_t handle; uv_stream_t stream; uv_tcp_t tcp; uv_pipe_t pipe; } u;
+  int fd;                 /* the master's copy of the connection */
+  uv_stream_t *wrapped;   /* a libuv handle owning fd, when it went by the queued path */
   rr *owner;
   rr_member *member;      /* the worker holding it unanswered, or NULL while queued */
   struct rr_conn *next;   /* in the queue or in the member's unanswered list */
@@ -41,10 +61,16 @@ struct rr_member {
   uint32_t next_seq;
   uint64_t handed;          /* connections this worker accepted */
   int leaving;              /* out of the rotation, waiting for its answers */
+  rr_conn *batch[BATCH_MAX]; /* assigned in this dispatch, not yet sent */
+  int batch_n;
 };
 
 struct rr {
-  cl_handle h;              /* the listening socket */
+  cl_handle h;              /* a uv_poll on the listening socket */
+  int fd;                   /* the listening socket */
+  int is_tcp;
+  uv_timer_t *retry;        /* rests the listener after EMFILE; NULL until needed */
+  char *path;               /* a unix socket's bound path, unlinked at close */
   uint32_t id;
   int window;
   rr_member *members;
@@ -63,8 +89,13 @@ static rr *find_rr(uint32_t id) {
   return NULL;
 }
 
-static void on_conn_closed(uv_handle_t *h) { free(h->data); }
-static void close_conn(rr_conn *c) { uv_close(&c->u.handle, on_conn_closed); }
+static void on_wrapped_closed(uv_handle_t *h) { free(h); }
+
+static void close_conn(rr_conn *c) {
+  if (c->wrapped) uv_close((uv_handle_t *)c->wrapped, on_wrapped_closed);
+  else close(c->fd);
+  free(c);
+}
 
 static cl_channel *member_channel(rr_member *m) {
   cl_handle *h = *m->channel_box;
@@ -125,30 +156,84 @@ static rr_member *next_free_member(rr *r) {
   return NULL;
 }
 
+/* Wraps a connection's descriptor in a libuv handle, for the queued hand-off path. */
+static int wrap_conn(rr *r, rr_conn *c) {
+  if (c->wrapped) return 0;
+  uv_stream_t *s = malloc(r->is_tcp ? sizeof(uv_tcp_t) : sizeof(uv_pipe_t));
+  if (s == NULL) return UV_ENOMEM;
+  int err = r->is_tcp ? uv_tcp_init(cl_loop(), (uv_tcp_t *)s) : uv_pipe_init(cl_loop(), (uv_pipe_t *)s, 0);
+  if (err) { free(s); return err; }
+  err = r->is_tcp ? uv_tcp_open((uv_tcp_t *)s, c->fd) : uv_pipe_open((uv_pipe_t *)s, c->fd);
+  if (err) { uv_close((uv_handle_t *)s, on_wrapped_closed); return err; }
+  c->wrapped = s;
+  return 0;
+}
+
+/* Takes a connection back from a member it could not be sent to. */
+static void take_back(rr *r, rr_member *m, rr_conn *c) {
+  c->writing = 0;
+  unlink_unanswered(m, c);
+  enqueue(r, c, 1);
+}
+
+/* Sends the connections assigned to m in this dispatch: in one message with all their
+ * descriptors when the channel has nothing queued, else one by one behind the queue.
+ * Returns 0, or -1 when the channel failed (the unsent connections are queued again). */
+static int send_batch(rr *r, rr_member *m) {
+  int n = m->batch_n;
+  m->batch_n = 0;
+  cl_channel *ch = member_channel(m);
+  char frames[BATCH_MAX * CL_CONN_FRAME];
+  int fds[BATCH_MAX];
+  for (int i = 0; i < n; i++) {
+    cl_channel_conn_frame(frames + i * CL_CONN_FRAME, r->id, m->batch[i]->seq, r->is_tcp);
+    fds[i] = m->batch[i]->fd;
+  }
+  int err = ch ? cl_channel_send_conns(ch, frames, (size_t)n * CL_CONN_FRAME, fds, n) : UV_EPIPE;
+  if (err == CL_CONN_SENT) return 0;
+  int i = 0;
+  if (err == UV_EAGAIN) {
+    for (; i < n; i++) {
+      rr_conn *c = m->batch[i];
+      err = wrap_conn(r, c);
+      if (err) {
+        /* the descriptor can't be queued: drop this connection, keep the rest going */
+        unlink_unanswered(m, c);
+        r->dropped++;
+        close_conn(c);
+        continue;
+      }
+      err = cl_channel_send_conn(ch, r->id, c->seq, c->wrapped, on_handed, c);
+      if (err == 0) c->writing = 1;
+      else if (err != CL_CONN_SENT) break;
+    }
+    if (i == n) return 0;
+  }
+  /* the channel failed: the rest go back to the front of the queue, in order */
+  for (int j = n - 1; j >= i; j--) take_back(r, m, m->batch[j]);
+  return -1;
+}
+
+/* Assigns queued connections to members with credit, in turn, then sends each
+ * member's share. A channel that fails stops the round until something changes. */
 static void dispatch(rr *r) {
-  while (r->queue_head) {
-    rr_member *m = next_free_member(r);
-    if (m == NULL) return;
+  int failed = 0;
+  rr_member *m;
+  while (!failed && r->queue_head && (m = next_free_member(r)) != NULL) {
     rr_conn *c = r->queue_head;
     r->queue_head = c->next;
     if (!r->queue_head) r->queue_tail = NULL;
     r->cursor = m;
     c->seq = ++m->next_seq;
     c->member = m;
-    c->writing = 1;
     c->next = m->unanswered;
     m->unanswered = c;
     m->inflight++;
-    int err = cl_channel_send_conn(member_channel(m), r->id, c->seq, &c->u.stream, on_handed, c);
-    if (err == CL_CONN_SENT) {
-      c->writing = 0; /* wait for the answer */
-    } else if (err) {
-      c->writing = 0;
-      unlink_unanswered(m, c);
-      enqueue(r, c, 1);
-      /* this member can't take it now; stop until something changes */
-      return;
-    }
+    m->batch[m->batch_n++] = c;
+    if (m->batch_n == BATCH_MAX && send_batch(r, m) != 0) failed = 1;
+  }
+  for (m = r->members; m; m = m->next) {
+    if (m->batch_n > 0) send_batch(r, m);
   }
 }
 
@@ -189,18 +274,44 @@ static void on_answer(cl_channel *ch, uint32_t rr_id, uint32_t seq, int accepted
   }
 }
 
-static void on_connection(uv_stream_t *server, int status) {
-  rr *r = server->data;
-  if (status < 0) return; /* EMFILE and friends: libuv retries on the next readiness */
-  rr_conn *c = calloc(1, sizeof *c);
-  if (c == NULL) return;
-  c->owner = r;
-  if (server->type == UV_TCP) uv_tcp_init(cl_loop(), &c->u.tcp);
-  else uv_pipe_init(cl_loop(), &c->u.pipe, 0);
-  c->u.handle.data = c;
-  if (uv_accept(server, &c->u.stream) != 0) { close_conn(c); return; }
-  r->accepted++;
-  enqueue(r, c, 0);
+static void on_readable(uv_poll_t *p, int status, int events);
+
+static void on_accept_retry(uv_timer_t *t) {
+  rr *r = t->data;
+  if (!cl_handle_is_closing(&r->h)) uv_poll_start(&r->h.u.poll, UV_READABLE, on_readable);
+}
+
+/* Out of descriptors (or memory): stop accepting for a moment. */
+static void rest_listener(rr *r) {
+  if (r->retry == NULL) {
+    r->retry = malloc(sizeof *r->retry);
+    if (r->retry == NULL) return; /* keep polling: level-triggered, it retries at once */
+    uv_timer_init(cl_loop(), r->retry);
+    r->retry->data = r;
+    if (!uv_has_ref(&r->h.u.handle)) uv_unref((uv_handle_t *)r->retry);
+  }
+  uv_poll_stop(&r->h.u.poll);
+  uv_timer_start(r->retry, on_accept_retry, ACCEPT_RETRY_MS, 0);
+}
+
+static void on_readable(uv_poll_t *p, int status, int events) {
+  rr *r = p->data;
+  (void)events;
+  if (status < 0) return;
+  for (int i = 0; i < ACCEPT_BUDGET; i++) {
+    int fd = accept4(r->fd, NULL, NULL, SOCK_NONBLOCK | SOCK_CLOEXEC);
+    if (fd < 0) {
+      if (errno == EINTR || errno == ECONNABORTED || errno == EPROTO) continue;
+      if (errno == EMFILE || errno == ENFILE || errno == ENOBUFS || errno == ENOMEM) rest_listener(r);
+      break; /* EAGAIN: the backlog is empty */
+    }
+    rr_conn *c = calloc(1, sizeof *c);
+    if (c == NULL) { close(fd); rest_listener(r); break; }
+    c->fd = fd;
+    c->owner = r;
+    r->accepted++;
+    enqueue(r, c, 0);
+  }
   dispatch(r);
 }
 
@@ -305,21 +416,42 @@ static int rr_id(lua_State *L) {
 
 static int rr_address(lua_State *L) {
   rr *r = check_rr(L);
-  if (r->h.u.handle.type == UV_TCP) {
-    struct sockaddr_storage ss;
-    int len = sizeof ss;
-    int err = uv_tcp_getsockname(&r->h.u.tcp, (struct sockaddr *)&ss, &len);
-    if (err) return cl_push_fail(L, err, "getsockname");
+  struct sockaddr_storage ss;
+  socklen_t len = sizeof ss;
+  if (getsockname(r->fd, (struct sockaddr *)&ss, &len) != 0)
+    return cl_push_fail(L, uv_translate_sys_error(errno), "getsockname");
+  if (r->is_tcp) {
     cl_push_sockaddr(L, (struct sockaddr *)&ss);
     return 1;
   }
-  char buf[1024];
-  size_t n = sizeof buf;
-  int err = uv_pipe_getsockname(&r->h.u.pipe, buf, &n);
-  if (err) return cl_push_fail(L, err, "getsockname");
-  lua_pushlstring(L, buf, n);
+  const struct sockaddr_un *un = (const struct sockaddr_un *)&ss;
+  size_t n = len > offsetof(struct sockaddr_un, sun_path) ? len - offsetof(struct sockaddr_un, sun_path) : 0;
+  while (n > 0 && un->sun_path[n - 1] == '\0') n--;
+  lua_pushlstring(L, un->sun_path, n);
   return 1;
 }
+
+/* rr:close([callback]): stops distributing. The listening socket closes now, as a
+ * libuv server's does, so new connections are refused at once; a unix socket's path is
+ * unlinked now, by the name it was bound by (relative to the current directory, as
+ * libuv's pipes do). */
+static int rr_close(lua_State *L) {
+  rr *r = *(rr **)luaL_checkudata(L, 1, TNAME);
+  if (r == NULL || cl_handle_is_closing(&r->h)) return 0;
+  int n = cl_handle_close_method(L); /* stops the poll: epoll forgets the descriptor */
+  if (r->fd >= 0) {
+    close(r->fd);
+    r->fd = -1;
+  }
+  if (r->path) {
+    unlink(r->path);
+    free(r->path);
+    r->path = NULL;
+  }
+  return n;
+}
+
+static void on_retry_closed(uv_handle_t *t) { free(t); }
 
 static void rr_free(cl_handle *h) {
   rr *r = (rr *)h;
@@ -343,6 +475,53 @@ static void rr_free(cl_handle *h) {
     c = next;
   }
   r->queue_head = r->queue_tail = NULL;
+  if (r->retry) uv_close((uv_handle_t *)r->retry, on_retry_closed);
+  free(r->path);
+  /* closed without rr:close (at exit): the poll is closed, so epoll no longer has it */
+  if (r->fd >= 0) close(r->fd);
+}
+
+/* A listening socket, made the way libuv's uv_tcp_bind / uv_pipe_bind make theirs
+ * (SO_REUSEADDR; IPV6_V6ONLY set either way; ENOENT reported as EACCES for a unix
+ * path), but with bind's EADDRINUSE reported at once. Returns the descriptor, or a
+ * libuv error with *syscall naming the step that failed. */
+static int open_listener(int is_tcp, const char *where, int port, int backlog, int ipv6only,
+                         const char **syscall) {
+  struct sockaddr_storage ss;
+  socklen_t sslen;
+  memset(&ss, 0, sizeof ss);
+  *syscall = "bind";
+  if (is_tcp) {
+    int err = cl_parse_addr(where, port, &ss);
+    if (err) return err;
+    sslen = ss.ss_family == AF_INET6 ? sizeof(struct sockaddr_in6) : sizeof(struct sockaddr_in);
+  } else {
+    struct sockaddr_un *un = (struct sockaddr_un *)&ss;
+    if (strlen(where) >= sizeof un->sun_path) return UV_ENAMETOOLONG;
+    un->sun_family = AF_UNIX;
+    strcpy(un->sun_path, where);
+    sslen = sizeof *un;
+  }
+  int fd = socket(ss.ss_family, SOCK_STREAM | SOCK_NONBLOCK | SOCK_CLOEXEC, 0);
+  if (fd < 0) { *syscall = "socket"; return uv_translate_sys_error(errno); }
+  int on = 1, err = 0;
+  if (is_tcp) {
+    setsockopt(fd, SOL_SOCKET, SO_REUSEADDR, &on, sizeof on);
+    if (ss.ss_family == AF_INET6) {
+      int v6only = ipv6only ? 1 : 0;
+      setsockopt(fd, IPPROTO_IPV6, IPV6_V6ONLY, &v6only, sizeof v6only);
+    }
+  }
+  if (bind(fd, (struct sockaddr *)&ss, sslen) != 0) {
+    err = errno == ENOENT && !is_tcp ? UV_EACCES
+        : errno == EAFNOSUPPORT ? UV_EINVAL : uv_translate_sys_error(errno);
+  } else if (listen(fd, backlog) != 0) {
+    err = uv_translate_sys_error(errno);
+    *syscall = "listen";
+    if (!is_tcp) unlink(where);
+  }
+  if (err) { close(fd); return err; }
+  return fd;
 }
 
 /* core.rr_listen(kind "tcp"|"pipe", host|path, port, backlog, ipv6Only[, window])
@@ -356,31 +535,25 @@ static int l_rr_listen(lua_State *L) {
   int backlog = (int)luaL_optinteger(L, 4, 511);
   int ipv6only = lua_toboolean(L, 5);
   int window = (int)luaL_optinteger(L, 6, 4);
-  rr *r = (rr *)cl_handle_new(L, sizeof(rr), TNAME);
-  r->h.on_free = rr_free;
-  r->window = window > 0 ? window : 1;
-  int err;
-  const char *syscall = "bind";
-  if (is_tcp) {
-    struct sockaddr_storage ss;
-    uv_tcp_init(cl_loop(), &r->h.u.tcp);
-    err = cl_parse_addr(where, port, &ss);
-    if (!err) err = uv_tcp_bind(&r->h.u.tcp, (struct sockaddr *)&ss, ipv6only ? UV_TCP_IPV6ONLY : 0);
-  } else {
-    uv_pipe_init(cl_loop(), &r->h.u.pipe, 0);
-    err = uv_pipe_bind(&r->h.u.pipe, where);
-  }
-  r->h.u.handle.data = r;
-  if (!err) err = uv_listen(&r->h.u.stream, backlog, on_connection);
-  if (err) {
-    cl_handle_close(&r->h);
-    lua_pop(L, 1);
+  const char *syscall;
+  int fd = open_listener(is_tcp, where, port, backlog, ipv6only, &syscall);
+  if (fd < 0) {
     lua_pushnil(L);
-    lua_pushfstring(L, "%s %s: %s", syscall, uv_err_name(err), uv_strerror(err));
-    lua_pushstring(L, uv_err_name(err));
-    lua_pushinteger(L, err);
+    lua_pushfstring(L, "%s %s: %s", syscall, uv_err_name(fd), uv_strerror(fd));
+    lua_pushstring(L, uv_err_name(fd));
+    lua_pushinteger(L, fd);
     return 4;
   }
+  char *path = is_tcp ? NULL : strdup(where);
+  rr *r = (rr *)cl_handle_new(L, sizeof(rr), TNAME);
+  r->h.on_free = rr_free;
+  r->fd = fd;
+  r->is_tcp = is_tcp;
+  r->path = path;
+  r->window = window > 0 ? window : 1;
+  uv_poll_init_socket(cl_loop(), &r->h.u.poll, fd);
+  r->h.u.handle.data = r;
+  uv_poll_start(&r->h.u.poll, UV_READABLE, on_readable);
   r->id = next_rr_id++;
   r->next_rr = all_rr;
   all_rr = r;
@@ -420,7 +593,7 @@ static int l_listen_fd(lua_State *L) {
 void cl_open_rr(lua_State *L) {
   static const luaL_Reg methods[] = {
     {"add", rr_add}, {"remove", rr_remove}, {"handed", rr_handed}, {"stats", rr_stats},
-    {"id", rr_id}, {"address", rr_address}, {"close", cl_handle_close_method},
+    {"id", rr_id}, {"address", rr_address}, {"close", rr_close},
     {"ref", cl_handle_ref_method}, {"unref", cl_handle_unref_method}, {NULL, NULL}};
   cl_handle_register(L, TNAME, methods);
   lua_pushcfunction(L, l_rr_listen);
