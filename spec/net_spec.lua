@@ -421,6 +421,70 @@ describe("cluster.net", function()
       close_server(server)
     end)
 
+    it("destroySoon() closes once the data is written, without waiting for the peer to end: 'finish' then 'close'", function()
+      local server_events = {}
+      local server = net.createServer(function(sock)
+        sock:on("finish", function() server_events[#server_events + 1] = "finish" end)
+        sock:on("close", function(had_error) server_events[#server_events + 1] = "close:" .. tostring(had_error) end)
+        sock:write("bye")
+        sock:destroySoon()
+        assert.are.same({}, server_events) -- events come later, never inside the call
+      end)
+      server:listen(0, "127.0.0.1")
+      -- the client keeps its writing side open: the server must not wait for it
+      local got, ended = "", false
+      local c = net.connect({ port = server:address().port, host = "127.0.0.1", allowHalfOpen = true })
+      c:on("data", function(d) got = got .. d end)
+      c:on("end", function() ended = true end)
+      assert.is_true(run_until(function() return ended and #server_events == 2 end))
+      assert.are.equal("bye", got)
+      assert.are.same({ "finish", "close:false" }, server_events)
+      c:destroy()
+      close_server(server)
+    end)
+
+    it("destroySoon() after a large write sends every byte first", function()
+      local size = 4 * 1024 * 1024
+      local server_closed = false
+      local server = net.createServer(function(sock)
+        sock:on("close", function() server_closed = true end)
+        assert.is_false(sock:write(string.rep("y", size))) -- queued in libuv
+        sock:destroySoon()
+      end)
+      server:listen(0, "127.0.0.1")
+      local got, closed = 0, false
+      local c = net.connect(server:address().port, "127.0.0.1")
+      c:on("data", function(d) got = got + #d end)
+      c:on("close", function() closed = true end)
+      assert.is_true(run_until(function() return closed and server_closed end, 10000))
+      assert.are.equal(size, got)
+      close_server(server)
+    end)
+
+    it("destroySoon() on a connecting socket ends it once connected; a later write fails", function()
+      local server_got, server_ended = "", false
+      local server = net.createServer(function(sock)
+        sock:on("data", function(d) server_got = server_got .. d end)
+        sock:on("end", function() server_ended = true end)
+      end)
+      server:listen(0, "127.0.0.1")
+      local err, closed = nil, false
+      local c = net.connect(server:address().port, "127.0.0.1")
+      c:on("error", function(e) err = e end)
+      c:on("close", function() closed = true end)
+      local finishes = 0
+      c:on("finish", function() finishes = finishes + 1 end)
+      c:write("queued while connecting")
+      c:destroySoon()
+      c:destroySoon() -- a second call changes nothing: one 'finish'
+      assert.is_false(c:write("too late"))
+      assert.is_true(run_until(function() return closed and server_ended end))
+      assert.are.equal("queued while connecting", server_got)
+      assert.are.equal("ERR_STREAM_WRITE_AFTER_END", err and err.code)
+      assert.are.equal(1, finishes)
+      close_server(server)
+    end)
+
     it("emits 'end' then 'close' when the peer ends", function()
       local server = net.createServer(function(sock) sock:close("bye") end)
       server:listen(0, "127.0.0.1")

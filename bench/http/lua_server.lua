@@ -36,7 +36,10 @@ else
         local head = chunk:sub(pos, head_end)
         pos = head_end + 4
         if head:lower():find("\nconnection: *close") then
-          socket:close(CLOSE)
+          -- as Node's http server does for Connection: close: close once written,
+          -- without waiting for the client's FIN
+          socket:write(CLOSE)
+          socket:destroySoon()
           return
         end
         socket:write(KEEP_ALIVE)

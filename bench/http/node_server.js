@@ -35,7 +35,10 @@ if (cluster.isPrimary) {
         const head = chunk.slice(pos, headEnd + 1);
         pos = headEnd + 4;
         if (/\nconnection: *close/.test(head.toLowerCase())) {
-          socket.end(CLOSE);
+          // as Node's http server does for Connection: close: close once written,
+          // without waiting for the client's FIN
+          socket.write(CLOSE);
+          socket.destroySoon();
           return;
         }
         socket.write(KEEP_ALIVE);

@@ -97,6 +97,8 @@ local function new_socket(options)
     _readEnded = false,
     _writeEnded = false,
     _ending = false,   -- close() was called
+    _destroySoon = false,   -- destroySoon() was called
+    _finishOnClose = false, -- 'finish' comes with 'close' (destroySoon on a connected socket)
     _pending = nil,    -- writes made while connecting: { {data, cb}, ... }
     _pendingBytes = 0,
     _needDrain = false,
@@ -323,6 +325,29 @@ function Socket:close(data, callback)
 end
 Socket["end"] = Socket.close
 
+--- Closes the connection as soon as everything written so far has reached the kernel,
+-- without waiting for the peer to end its side (Node's `socket.destroySoon`, which is
+-- what an HTTP server does after a `Connection: close` response). Later writes fail as
+-- after `close()`. Emits `'finish'` then `'close'`. A socket still connecting ends
+-- gracefully instead and is destroyed once its writing side is closed.
+-- @treturn Socket self
+function Socket:destroySoon()
+  if self.destroyed or self._destroySoon then return self end
+  self._destroySoon = true
+  if self.connecting or not self._handle then
+    self:once("finish", function() self:destroy() end)
+    return self:close()
+  end
+  self._ending = true
+  self._finishOnClose = true
+  -- closing the descriptor sends the FIN after the data the kernel holds; libuv's
+  -- queue is written first (an empty write's callback runs after everything queued)
+  if self._handle:write_queue_size() == 0 or not self._handle:write("", function() self:destroy() end) then
+    self:destroy()
+  end
+  return self
+end
+
 --- Closes the connection at once, dropping unsent data. With `err`, `'error'(err)`
 -- is emitted before `'close'`.
 -- @tparam[opt] table err an error object
@@ -333,6 +358,7 @@ function Socket:destroy(err)
   self.connecting = false
   self._reading = false
   local function closed()
+    if self._finishOnClose and not err then self:emit("finish") end
     local server = self.server
     if server then server:_connectionGone(self) end
     if err then emit_error(self, err) end
