@@ -42,7 +42,18 @@ struct cl_channel {
   int reading;
   uint64_t last_beat;     /* loop time (ms) of the last heartbeat received */
   uint64_t beats;
+  int answers_held;       /* accepted hand-offs answered in `out` but not yet flushed */
+  uv_timer_t *answer_timer; /* flushes held answers; NULL until a worker first needs it */
 };
+
+/* A worker answers the connections it accepts in batches: the master needs an answer
+ * to return credit and to close its copy, not at once; every answer sent alone costs a
+ * write here and a wake-up there per connection. Held answers leave with any other
+ * flush, when ANSWER_BATCH are held, or after ANSWER_DELAY_MS. The master's credit
+ * window (csrc/rr.c) is larger than the batch, so holding never stalls it. A refusal
+ * leaves at once: that connection waits for another worker. */
+#define ANSWER_BATCH 4
+#define ANSWER_DELAY_MS 1
 
 /* The worker's heartbeat timer: one channel to the master per process. */
 static uv_timer_t beat_timer;
@@ -176,6 +187,10 @@ static int submit(cl_channel *ch, char *data, size_t len, int cbs, uv_stream_t *
  * bytes run only when called from the loop (in_loop), never inside a send or a close. */
 static void flush(cl_channel *ch, int in_loop) {
   if (ch->out.len == 0 || cl_handle_is_closing(&ch->h)) return;
+  if (ch->answers_held) {
+    ch->answers_held = 0;
+    uv_timer_stop(ch->answer_timer); /* held answers always have their timer */
+  }
   if (in_loop || ch->out_cbs == LUA_NOREF) {
     uv_buf_t b = uv_buf_init(ch->out.data, (unsigned)ch->out.len);
     int n = uv_try_write(&ch->h.u.stream, &b, 1);
@@ -356,6 +371,11 @@ int cl_channel_send_conn(cl_channel *ch, uint32_t rr_id, uint32_t seq, uv_stream
   return err;
 }
 
+static void on_answer_timer(uv_timer_t *t) {
+  cl_channel *ch = t->data;
+  if (!cl_handle_is_closing(&ch->h)) schedule_flush(ch);
+}
+
 /* ch:answer(rr_id, seq, accepted): the worker's reply to a handed connection. */
 static int ch_answer(lua_State *L) {
   cl_channel *ch = check_channel(L, 1);
@@ -370,7 +390,19 @@ static int ch_answer(lua_State *L) {
   put_le32(p + 9, seq);
   p[13] = (char)(accepted ? 1 : 0);
   ch->out.len += CL_FRAME_HEADER + 9;
-  schedule_flush(ch);
+  /* a flush already due this turn takes it along */
+  if (!accepted || ch->in_flush_list || ch->answers_held + 1 >= ANSWER_BATCH) {
+    schedule_flush(ch);
+  } else if (ch->answers_held++ == 0) {
+    if (ch->answer_timer == NULL) {
+      ch->answer_timer = malloc(sizeof *ch->answer_timer);
+      if (ch->answer_timer == NULL) { ch->answers_held = 0; schedule_flush(ch); return 0; }
+      uv_timer_init(cl_loop(), ch->answer_timer);
+      uv_unref((uv_handle_t *)ch->answer_timer);
+      ch->answer_timer->data = ch;
+    }
+    uv_timer_start(ch->answer_timer, on_answer_timer, ANSWER_DELAY_MS, 0);
+  }
   return 0;
 }
 
@@ -656,9 +688,12 @@ static int ch_pending(lua_State *L) {
   return 1;
 }
 
+static void on_answer_timer_closed(uv_handle_t *t) { free(t); }
+
 static void channel_free(cl_handle *h) {
   cl_channel *ch = (cl_channel *)h;
   lua_State *L = h->L;
+  if (ch->answer_timer) uv_close((uv_handle_t *)ch->answer_timer, on_answer_timer_closed);
   if (beat_channel == ch) {
     uv_timer_stop(&beat_timer);
     beat_channel = NULL;

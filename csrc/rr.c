@@ -2,7 +2,7 @@
  * connections are handed to workers over their channels, entirely in C.
  *
  * Credit: a member (a worker's server on this key) holds at most `window` connections
- * it has not answered yet; the rest wait in the distributor's queue. The master keeps its
+ * it has not answered yet (workers answer in small batches); the rest wait in the distributor's queue. The master keeps its
  * copy of every handed connection until the worker answers: accepted -> closed here;
  * refused, or the worker left or died first -> handed to another worker. So connections
  * in flight to a dying worker are not lost. A connection refused by every member in turn
@@ -23,6 +23,9 @@
 #include <sys/socket.h>
 #include <sys/un.h>
 #include <netinet/in.h>
+#include <netinet/tcp.h>
+#include <sys/ioctl.h>
+#include <stddef.h>
 #include <string.h>
 #include <unistd.h>
 
@@ -39,6 +42,9 @@ typedef struct rr_member rr_member;
 /* After EMFILE and friends the listener rests this long; connections wait in the
  * kernel's backlog meanwhile instead of being accepted and dropped. */
 #define ACCEPT_RETRY_MS 50
+/* Connections a worker may hold unanswered. Workers answer in batches of a few
+ * (csrc/channel.c, ANSWER_BATCH); the window is well above that. */
+#define DEFAULT_WINDOW 16
 
 typedef struct rr_conn {
   int fd;                 /* the master's copy of the connection */
@@ -315,6 +321,31 @@ static void on_readable(uv_poll_t *p, int status, int events) {
   dispatch(r);
 }
 
+/* Whether a worker that died before answering had already read from or written to
+ * this TCP connection (its answer was still held back, csrc/channel.c): handing it
+ * on would leave the client waiting for the answer to a request nobody has. Such a
+ * connection is closed instead, as the worker's death would have closed it. */
+/* glibc's struct tcp_info stops at tcpi_total_retrans; Linux (4.6+) goes on, append-only. */
+struct tcp_info_bytes {
+  struct tcp_info base;
+  uint64_t pacing_rate, max_pacing_rate;
+  uint64_t bytes_acked;      /* bytes we sent that the peer acknowledged */
+  uint64_t bytes_received;   /* bytes the peer sent, read or not */
+};
+_Static_assert(offsetof(struct tcp_info_bytes, pacing_rate) == 104, "struct tcp_info layout");
+
+static int was_served(rr *r, rr_conn *c) {
+  if (!r->is_tcp) return 0;
+  struct tcp_info_bytes ti;
+  socklen_t len = sizeof ti;
+  memset(&ti, 0, sizeof ti);
+  if (getsockopt(c->fd, IPPROTO_TCP, TCP_INFO, &ti, &len) != 0) return 0;
+  if (len < sizeof ti) return 0; /* an older kernel: hand it on, as before */
+  int unread = 0;
+  if (ioctl(c->fd, FIONREAD, &unread) != 0) return 0;
+  return ti.bytes_received > (uint64_t)unread || ti.bytes_acked > 0 || ti.base.tcpi_unacked > 0;
+}
+
 /* Detaches a member: its unanswered connections go back to the queue. */
 static void remove_member(rr *r, rr_member *m) {
   if (!m->leaving) r->member_count--;
@@ -326,7 +357,15 @@ static void remove_member(rr *r, rr_member *m) {
   while (c) {
     rr_conn *next = c->next;
     c->member = NULL;
-    if (!c->writing) { c->attempts--; requeue(r, c); }
+    if (c->writing) {
+      /* requeued when its write completes */
+    } else if (was_served(r, c)) {
+      r->dropped++;
+      close_conn(c);
+    } else {
+      c->attempts--;
+      requeue(r, c);
+    }
     c = next;
   }
   luaL_unref(r->h.L, LUA_REGISTRYINDEX, m->channel_ref);
@@ -534,7 +573,7 @@ static int l_rr_listen(lua_State *L) {
   int port = (int)luaL_optinteger(L, 3, 0);
   int backlog = (int)luaL_optinteger(L, 4, 511);
   int ipv6only = lua_toboolean(L, 5);
-  int window = (int)luaL_optinteger(L, 6, 4);
+  int window = (int)luaL_optinteger(L, 6, DEFAULT_WINDOW);
   const char *syscall;
   int fd = open_listener(is_tcp, where, port, backlog, ipv6only, &syscall);
   if (fd < 0) {

@@ -184,8 +184,12 @@ function H.setup()
   expectations = {}
   local snap = {}
   for name, list in pairs(rawget(cluster, "_listeners") or {}) do
-    local copy = {}
-    for i = 1, #list do copy[i] = list[i] end
+    -- one listener is kept as the function itself, more as an array (cluster.emitter)
+    local copy = list
+    if type(list) == "table" then
+      copy = {}
+      for i = 1, #list do copy[i] = list[i] end
+    end
     snap[name] = copy
   end
   listener_snapshot = snap

@@ -381,6 +381,22 @@ describe("sharing, SCHED_RR", function()
       assert.equal(ws[2].process.pid, answered_by(ask(at(port))))
     end)
 
+    it("a connection whose worker read the request and died before answering the master is closed, not handed to another worker that would never see the request", function()
+      local ws = S.fork(2)
+      local port = S.listen_all(ws, "die", at(0), nil, "die")[1].address.port
+      local exits = {}
+      for _, w in ipairs(ws) do w:on("exit", function(code) exits[#exits + 1] = code end) end
+      -- the worker's answer for this connection is held back (sent in batches), and it
+      -- reads the request and exits before sending it
+      local r = S.client(at(port), "GET / HTTP/1.1\r\n\r\n", true)
+      assert.is_true(H.wait_until(function() return r.done end, 5000), "the client was left waiting")
+      assert.equal("", r.data)
+      assert.is_true(H.wait_until(function() return #exits == 1 end, 3000))
+      assert.same({ 7 }, exits)
+      H.run_for(100)
+      assert.equal(1, #exits) -- the other worker never got the connection
+    end)
+
     it("connections handed to a hung worker and unanswered when it is SIGKILLed go to another worker: 200 of 200 answered", function()
       local ws = S.fork(2)
       local port = S.listen_all(ws, "hung", at(0))[1].address.port

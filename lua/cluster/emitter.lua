@@ -23,37 +23,42 @@ function Emitter.mixin(class)
   return class
 end
 
-local function check(self, fname, name, fn)
+-- self._listeners[name] holds the event's one listener (a function) or an array of
+-- them: most emitters (a socket's 'data', 'error') have a single listener per event,
+-- which then costs no array.
+local function check(fname, name, fn)
   if type(name) ~= "string" then
     error(fname .. ": bad argument #1 (event name): expected a string, got " .. type(name), 3)
   end
   if type(fn) ~= "function" then
     error(fname .. ": bad argument #2 (listener): expected a function, got " .. type(fn), 3)
   end
-  local all = rawget(self, "_listeners")
-  if not all then
-    all = {}
-    rawset(self, "_listeners", all)
-  end
-  local list = all[name]
-  if not list then
-    list = {}
-    all[name] = list
-  end
-  return list
 end
 
-local function notify_new(self, name)
+local function add(self, name, fn)
+  local all = rawget(self, "_listeners")
+  if not all then
+    rawset(self, "_listeners", { [name] = fn })
+  else
+    local cur = all[name]
+    if cur == nil then
+      all[name] = fn
+    elseif type(cur) == "function" then
+      all[name] = { cur, fn }
+    else
+      -- appended in place: an emit in progress iterates only the length it started with
+      cur[#cur + 1] = fn
+    end
+  end
   local hook = rawget(self, "_onNewListener")
   if hook then hook(self, name) end
+  return self
 end
 
 --- Adds a listener. @treturn self
 function Emitter:on(name, fn)
-  local list = check(self, "on", name, fn)
-  list[#list + 1] = fn
-  notify_new(self, name)
-  return self
+  check("on", name, fn)
+  return add(self, name, fn)
 end
 Emitter.addListener = Emitter.on
 
@@ -62,34 +67,34 @@ local wrapped = setmetatable({}, { __mode = "k" })
 
 --- Adds a listener that runs once. @treturn self
 function Emitter:once(name, fn)
-  local list = check(self, "once", name, fn)
+  check("once", name, fn)
   local wrapper
   wrapper = function(...)
     self:off(name, wrapper)
     return fn(...)
   end
   wrapped[wrapper] = fn
-  list[#list + 1] = wrapper
-  notify_new(self, name)
-  return self
+  return add(self, name, wrapper)
 end
 
 --- Removes a listener (or, with no function, all listeners of that event). @treturn self
 function Emitter:off(name, fn)
   local all = rawget(self, "_listeners")
-  local list = all and all[name]
-  if not list then return self end
+  local cur = all and all[name]
+  if cur == nil then return self end
   if fn == nil then
     all[name] = nil
+  elseif type(cur) == "function" then
+    if cur == fn or wrapped[cur] == fn then all[name] = nil end
   else
-    -- copy-on-write: an emit in progress keeps iterating the old list
+    -- copy-on-write: an emit in progress keeps iterating the old array
     local kept = {}
     local removed = false
-    for i = 1, #list do
-      local l = list[i]
+    for i = 1, #cur do
+      local l = cur[i]
       if not removed and (l == fn or wrapped[l] == fn) then removed = true else kept[#kept + 1] = l end
     end
-    all[name] = #kept > 0 and kept or nil
+    all[name] = #kept > 1 and kept or kept[1]
   end
   local hook = rawget(self, "_onRemoveListener")
   if hook then hook(self, name) end
@@ -105,23 +110,25 @@ end
 --- Number of listeners for an event.
 function Emitter:listenerCount(name)
   local all = rawget(self, "_listeners")
-  local list = all and all[name]
-  return list and #list or 0
+  local cur = all and all[name]
+  if cur == nil then return 0 end
+  if type(cur) == "function" then return 1 end
+  return #cur
 end
 
 --- Calls every listener of `name` with the arguments. Returns true if there was any.
 function Emitter:emit(name, ...)
   local all = rawget(self, "_listeners")
-  local list = all and all[name]
-  if not list then return false end
-  if #list == 1 then
-    list[1](...)
+  local cur = all and all[name]
+  if cur == nil then return false end
+  if type(cur) == "function" then
+    cur(...)
     return true
   end
   -- on() appends to the same array, so iterate over a snapshot of its length;
   -- off() replaces the array, so the loop keeps the old one.
-  local n = #list
-  for i = 1, n do list[i](...) end
+  local n = #cur
+  for i = 1, n do cur[i](...) end
   return true
 end
 

@@ -105,7 +105,6 @@ local function new_socket(options)
     _onNewListener = on_new_listener,
   }, Socket)
   self._onRead = function(err, chunk) self:_read(err, chunk) end
-  self._onDrainMark = function(err) self:_drainMark(err) end
   return self
 end
 
@@ -224,7 +223,12 @@ local function request_drain(self)
   if self._drainMarked then return end
   self._needDrain = true
   self._drainMarked = true
-  if not self._handle:write("", self._onDrainMark) then self._drainMarked = false end
+  local mark = self._onDrainMark
+  if not mark then
+    mark = function(err) self:_drainMark(err) end
+    self._onDrainMark = mark
+  end
+  if not self._handle:write("", mark) then self._drainMarked = false end
 end
 
 function Socket:_drainMark(err)
