@@ -69,7 +69,7 @@ typedef struct write_req {
   int send_handle_ref;   /* keeps the sent handle's userdata alive until written */
   void (*done)(void *arg, int status); /* C completion (connection hand-off) */
   void *done_arg;
-  char small[16];        /* a whole hand-off frame, kept here to avoid a malloc */
+  char small[CL_CONN_FRAME_MAX]; /* a whole hand-off frame, kept here to avoid a malloc */
 } write_req;
 
 static cl_conn_answer_fn conn_answer_fn = NULL;
@@ -298,13 +298,36 @@ static int ch_send(lua_State *L) {
   return 1;
 }
 
-void cl_channel_conn_frame(char *out, uint32_t rr_id, uint32_t seq, int is_tcp) {
-  put_le32(out, 9);
+static char *put_addr(char *p, const struct sockaddr *sa) {
+  if (sa->sa_family == AF_INET) {
+    const struct sockaddr_in *in = (const struct sockaddr_in *)sa;
+    memcpy(p, &in->sin_port, 2);
+    memcpy(p + 2, &in->sin_addr, 4);
+    return p + 6;
+  }
+  const struct sockaddr_in6 *in6 = (const struct sockaddr_in6 *)sa;
+  memcpy(p, &in6->sin6_port, 2);
+  memcpy(p + 2, &in6->sin6_addr, 16);
+  return p + 18;
+}
+
+size_t cl_channel_conn_frame(char *out, uint32_t rr_id, uint32_t seq, int is_tcp,
+                             const struct sockaddr *remote, const struct sockaddr *local) {
   out[4] = (char)(CL_FRAME_CONN | CL_FRAME_HANDLE);
   put_le32(out + 5, rr_id);
   put_le32(out + 9, seq);
   /* the worker accepts it into a handle of this kind without asking the kernel */
   out[13] = (char)(is_tcp ? 1 : 2);
+  char *p = out + 14;
+  int family = remote ? remote->sa_family : AF_UNSPEC;
+  if (is_tcp && (family == AF_INET || family == AF_INET6) && local && local->sa_family == family) {
+    *p++ = (char)(family == AF_INET ? 4 : 6);
+    p = put_addr(p, remote);
+    p = put_addr(p, local);
+  }
+  size_t len = (size_t)(p - out);
+  put_le32(out, (uint32_t)(len - CL_FRAME_HEADER));
+  return len;
 }
 
 int cl_channel_send_conns(cl_channel *ch, const char *frames, size_t len, const int *fds, int n) {
@@ -344,16 +367,15 @@ int cl_channel_send_conns(cl_channel *ch, const char *frames, size_t len, const 
   return CL_CONN_SENT;
 }
 
-int cl_channel_send_conn(cl_channel *ch, uint32_t rr_id, uint32_t seq, uv_stream_t *conn,
+int cl_channel_send_conn(cl_channel *ch, const char *frame, size_t len, uv_stream_t *conn,
                          void (*done)(void *arg, int status), void *arg) {
   if (cl_handle_is_closing(&ch->h)) return UV_EPIPE;
+  if (len > CL_CONN_FRAME_MAX) return UV_EINVAL;
   flush(ch, 0); /* keep order with messages queued before this connection */
-  char frame[CL_CONN_FRAME];
-  cl_channel_conn_frame(frame, rr_id, seq, conn->type == UV_TCP);
-  size_t len = sizeof frame, off = 0;
+  size_t off = 0;
   /* Written at once when libuv holds nothing queued (its try_write refuses otherwise,
    * which keeps the order): no request, no callback, no epoll re-arm. */
-  uv_buf_t tb = uv_buf_init(frame, (unsigned)len);
+  uv_buf_t tb = uv_buf_init((char *)frame, (unsigned)len);
   int n = uv_try_write2(&ch->h.u.stream, &tb, 1, conn);
   if (n == (int)len) return CL_CONN_SENT;
   if (n > 0) off = (size_t)n; /* the descriptor left with the first bytes */
@@ -509,8 +531,14 @@ static int handle_conn_frame(cl_channel *ch, int flags, const char *p, uint32_t 
     if (conn_answer_fn) conn_answer_fn(ch, get_le32(p), get_le32(p + 4), p[8] != 0);
     return 1;
   }
-  if (len != 9 || (p[8] != 1 && p[8] != 2)) { fail_channel(ch, "received a malformed connection frame"); return 0; }
-  if (!pop_handle_typed(ch, p[8] == 1 ? UV_TCP : UV_NAMED_PIPE)) { fail_channel(ch, "a connection frame arrived without its descriptor"); return 0; }
+  int kind = len >= 9 ? p[8] : 0;
+  int family = len > 9 ? p[9] : 0;
+  if ((kind != 1 && kind != 2) ||
+      !(len == 9 || (kind == 1 && ((family == 4 && len == 10 + 2 * 6) || (family == 6 && len == 10 + 2 * 18))))) {
+    fail_channel(ch, "received a malformed connection frame");
+    return 0;
+  }
+  if (!pop_handle_typed(ch, kind == 1 ? UV_TCP : UV_NAMED_PIPE)) { fail_channel(ch, "a connection frame arrived without its descriptor"); return 0; }
   if (!cl_push_cb(&ch->h, CB_CONN)) {
     /* nobody takes connections here: refuse, so the master hands it to another worker */
     cl_handle *rh = cl_handle_test(L, -1);
@@ -522,7 +550,31 @@ static int handle_conn_frame(cl_channel *ch, int flags, const char *p, uint32_t 
   lua_pushinteger(L, get_le32(p));
   lua_pushinteger(L, get_le32(p + 4));
   lua_rotate(L, -3, -1); /* fn, rr_id, seq, handle */
-  cl_call(L, 3);
+  int nargs = 3;
+  if (len > 9) {
+    /* remote address, port, family, then local ones */
+    struct sockaddr_storage ss;
+    const char *a = p + 10;
+    for (int i = 0; i < 2; i++) {
+      memset(&ss, 0, sizeof ss);
+      if (family == 4) {
+        struct sockaddr_in *in = (struct sockaddr_in *)&ss;
+        in->sin_family = AF_INET;
+        memcpy(&in->sin_port, a, 2);
+        memcpy(&in->sin_addr, a + 2, 4);
+        a += 6;
+      } else {
+        struct sockaddr_in6 *in6 = (struct sockaddr_in6 *)&ss;
+        in6->sin6_family = AF_INET6;
+        memcpy(&in6->sin6_port, a, 2);
+        memcpy(&in6->sin6_addr, a + 2, 16);
+        a += 18;
+      }
+      cl_push_sockaddr_values(L, (struct sockaddr *)&ss);
+    }
+    nargs += 6;
+  }
+  cl_call(L, nargs);
   return 1;
 }
 

@@ -26,25 +26,30 @@ uv_pipe_t *cl_channel_pipe(cl_channel *ch);
 cl_channel *cl_channel_test(lua_State *L, int idx);
 int cl_channel_is_open(cl_channel *ch);
 
-/* A hand-off frame: header + u32 rr id + u32 seq + u8 kind (1 tcp, 2 unix pipe). */
-#define CL_CONN_FRAME (CL_FRAME_HEADER + 9)
-void cl_channel_conn_frame(char *out, uint32_t rr_id, uint32_t seq, int is_tcp);
+/* A hand-off frame: header + u32 rr id + u32 seq + u8 kind (1 tcp, 2 unix pipe), and
+ * for TCP the connection's addresses, which the master's accept4 learnt for free:
+ * u8 family (4 or 6), then remote and local as u16 port (network order) + 4 or 16
+ * address bytes. The worker fills the socket's address fields from them without a
+ * system call. Returns the frame's length (at most CL_CONN_FRAME_MAX). */
+#define CL_CONN_FRAME_MAX (CL_FRAME_HEADER + 9 + 1 + 2 * (2 + 16))
+size_t cl_channel_conn_frame(char *out, uint32_t rr_id, uint32_t seq, int is_tcp,
+                             const struct sockaddr *remote, const struct sockaddr *local);
 
 /* At most this many connections travel in one message: libuv's receiving side takes
  * up to 64 descriptors per read. */
 #define CL_CONN_BATCH_MAX 32
 
-/* Sends n hand-off frames (len bytes, built by cl_channel_conn_frame) with their n
+/* Sends n hand-off frames (len bytes in all, built by cl_channel_conn_frame) with their n
  * descriptors in one message, when the channel has nothing queued. Returns
  * CL_CONN_SENT, UV_EAGAIN (nothing was sent: the channel is backed up; send them one
  * by one with cl_channel_send_conn) or another libuv error. */
 int cl_channel_send_conns(cl_channel *ch, const char *frames, size_t len, const int *fds, int n);
 
-/* Sends a connection to a worker (master side); done(arg, status) runs once written.
- * Returns 0, CL_CONN_SENT (written already; done is not called) or a libuv error
- * (then done is not called). */
+/* Sends one connection (its frame and its handle) behind whatever the channel has
+ * queued; done(arg, status) runs once written. Returns 0, CL_CONN_SENT (written already;
+ * done is not called) or a libuv error (then done is not called). */
 #define CL_CONN_SENT 1
-int cl_channel_send_conn(cl_channel *ch, uint32_t rr_id, uint32_t seq, uv_stream_t *conn,
+int cl_channel_send_conn(cl_channel *ch, const char *frame, size_t len, uv_stream_t *conn,
                          void (*done)(void *arg, int status), void *arg);
 
 /* Called (master side) for every answer to a connection hand-off. */

@@ -46,8 +46,16 @@ typedef struct rr_member rr_member;
  * (csrc/channel.c, ANSWER_BATCH); the window is well above that. */
 #define DEFAULT_WINDOW 16
 
+typedef union sockaddr_any {
+  struct sockaddr sa;
+  struct sockaddr_in in;
+  struct sockaddr_in6 in6;
+} sockaddr_any;
+
 typedef struct rr_conn {
   int fd;                 /* the master's copy of the connection */
+  sockaddr_any remote;    /* the peer (TCP), from accept4 */
+  sockaddr_any local;     /* our end (TCP) */
   uv_stream_t *wrapped;   /* a libuv handle owning fd, when it went by the queued path */
   rr *owner;
   rr_member *member;      /* the worker holding it unanswered, or NULL while queued */
@@ -75,6 +83,9 @@ struct rr {
   cl_handle h;              /* a uv_poll on the listening socket */
   int fd;                   /* the listening socket */
   int is_tcp;
+  sockaddr_any bound;       /* the listening address: every connection's local address,
+                               unless it is a wildcard (then getsockname per connection) */
+  int bound_wildcard;
   uv_timer_t *retry;        /* rests the listener after EMFILE; NULL until needed */
   char *path;               /* a unix socket's bound path, unlinked at close */
   uint32_t id;
@@ -189,13 +200,18 @@ static int send_batch(rr *r, rr_member *m) {
   int n = m->batch_n;
   m->batch_n = 0;
   cl_channel *ch = member_channel(m);
-  char frames[BATCH_MAX * CL_CONN_FRAME];
+  char frames[BATCH_MAX * CL_CONN_FRAME_MAX];
+  size_t starts[BATCH_MAX + 1];
   int fds[BATCH_MAX];
+  size_t len = 0;
   for (int i = 0; i < n; i++) {
-    cl_channel_conn_frame(frames + i * CL_CONN_FRAME, r->id, m->batch[i]->seq, r->is_tcp);
-    fds[i] = m->batch[i]->fd;
+    rr_conn *c = m->batch[i];
+    starts[i] = len;
+    len += cl_channel_conn_frame(frames + len, r->id, c->seq, r->is_tcp, &c->remote.sa, &c->local.sa);
+    fds[i] = c->fd;
   }
-  int err = ch ? cl_channel_send_conns(ch, frames, (size_t)n * CL_CONN_FRAME, fds, n) : UV_EPIPE;
+  starts[n] = len;
+  int err = ch ? cl_channel_send_conns(ch, frames, len, fds, n) : UV_EPIPE;
   if (err == CL_CONN_SENT) return 0;
   int i = 0;
   if (err == UV_EAGAIN) {
@@ -209,7 +225,7 @@ static int send_batch(rr *r, rr_member *m) {
         close_conn(c);
         continue;
       }
-      err = cl_channel_send_conn(ch, r->id, c->seq, c->wrapped, on_handed, c);
+      err = cl_channel_send_conn(ch, frames + starts[i], starts[i + 1] - starts[i], c->wrapped, on_handed, c);
       if (err == 0) c->writing = 1;
       else if (err != CL_CONN_SENT) break;
     }
@@ -305,7 +321,11 @@ static void on_readable(uv_poll_t *p, int status, int events) {
   (void)events;
   if (status < 0) return;
   for (int i = 0; i < ACCEPT_BUDGET; i++) {
-    int fd = accept4(r->fd, NULL, NULL, SOCK_NONBLOCK | SOCK_CLOEXEC);
+    sockaddr_any remote;
+    socklen_t remote_len = sizeof remote;
+    remote.sa.sa_family = AF_UNSPEC;
+    int fd = accept4(r->fd, r->is_tcp ? &remote.sa : NULL, r->is_tcp ? &remote_len : NULL,
+                     SOCK_NONBLOCK | SOCK_CLOEXEC);
     if (fd < 0) {
       if (errno == EINTR || errno == ECONNABORTED || errno == EPROTO) continue;
       if (errno == EMFILE || errno == ENFILE || errno == ENOBUFS || errno == ENOMEM) rest_listener(r);
@@ -315,6 +335,12 @@ static void on_readable(uv_poll_t *p, int status, int events) {
     if (c == NULL) { close(fd); rest_listener(r); break; }
     c->fd = fd;
     c->owner = r;
+    if (r->is_tcp) {
+      c->remote = remote;
+      socklen_t local_len = sizeof c->local;
+      if (!r->bound_wildcard) c->local = r->bound;
+      else if (getsockname(fd, &c->local.sa, &local_len) != 0) c->local.sa.sa_family = AF_UNSPEC;
+    }
     r->accepted++;
     enqueue(r, c, 0);
   }
@@ -590,6 +616,12 @@ static int l_rr_listen(lua_State *L) {
   r->is_tcp = is_tcp;
   r->path = path;
   r->window = window > 0 ? window : 1;
+  if (is_tcp) {
+    socklen_t bound_len = sizeof r->bound;
+    if (getsockname(fd, &r->bound.sa, &bound_len) != 0) r->bound_wildcard = 1;
+    else if (r->bound.sa.sa_family == AF_INET) r->bound_wildcard = r->bound.in.sin_addr.s_addr == htonl(INADDR_ANY);
+    else r->bound_wildcard = IN6_IS_ADDR_UNSPECIFIED(&r->bound.in6.sin6_addr);
+  }
   uv_poll_init_socket(cl_loop(), &r->h.u.poll, fd);
   r->h.u.handle.data = r;
   uv_poll_start(&r->h.u.poll, UV_READABLE, on_readable);

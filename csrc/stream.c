@@ -108,8 +108,7 @@ static size_t format_ip4(char *out, const struct sockaddr_in *in) {
   return (size_t)(p - out);
 }
 
-/* Pushes address, port, family of sa (3 values; nils for an unknown family). */
-static void push_sockaddr_values(lua_State *L, const struct sockaddr *sa) {
+void cl_push_sockaddr_values(lua_State *L, const struct sockaddr *sa) {
   char ip[INET6_ADDRSTRLEN + 16];
   if (sa->sa_family == AF_INET) {
     const struct sockaddr_in *in = (const struct sockaddr_in *)sa;
@@ -516,10 +515,10 @@ static int s_addresses(lua_State *L) {
   cl_handle *h = cl_handle_check(L, 1, TCP_TNAME);
   struct sockaddr_storage ss;
   int len = sizeof ss;
-  if (uv_tcp_getpeername(&h->u.tcp, (struct sockaddr *)&ss, &len) == 0) push_sockaddr_values(L, (struct sockaddr *)&ss);
+  if (uv_tcp_getpeername(&h->u.tcp, (struct sockaddr *)&ss, &len) == 0) cl_push_sockaddr_values(L, (struct sockaddr *)&ss);
   else { lua_pushnil(L); lua_pushnil(L); lua_pushnil(L); }
   len = sizeof ss;
-  if (uv_tcp_getsockname(&h->u.tcp, (struct sockaddr *)&ss, &len) == 0) push_sockaddr_values(L, (struct sockaddr *)&ss);
+  if (uv_tcp_getsockname(&h->u.tcp, (struct sockaddr *)&ss, &len) == 0) cl_push_sockaddr_values(L, (struct sockaddr *)&ss);
   else { lua_pushnil(L); lua_pushnil(L); lua_pushnil(L); }
   return 6;
 }

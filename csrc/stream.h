@@ -19,6 +19,10 @@ uv_handle_t *cl_udp_new(lua_State *L, int family);
  * stream.c and udp.c. */
 int cl_parse_addr(const char *host, int port, struct sockaddr_storage *ss);
 
+/* Pushes address, port, family ("IPv4"|"IPv6") of a socket address: 3 values (nils
+ * for another family). */
+void cl_push_sockaddr_values(lua_State *L, const struct sockaddr *sa);
+
 /* Pushes {address=, port=, family="IPv4"|"IPv6"} for a socket address. */
 void cl_push_sockaddr(lua_State *L, const struct sockaddr *sa);
 #endif

@@ -525,6 +525,19 @@ describe("sharing, SCHED_RR", function()
     end)
   end)
 
+  describe("sockets", function()
+    it("a worker's sockets carry the connection's addresses: IPv4, IPv6, and a dual-stack listener's mapped IPv4 client", function()
+      local w = S.fork(1)[1]
+      S.check_addresses(w, "a4", "127.0.0.1", "127.0.0.1", "IPv4")
+      if HAS_IPV6 then
+        S.check_addresses(w, "a6", "::1", "::1", "IPv6")
+        S.check_addresses(w, "any", nil, "127.0.0.1", "IPv6", "::ffff:127.0.0.1")
+      else
+        S.check_addresses(w, "any", nil, "127.0.0.1", "IPv4")
+      end
+    end)
+  end)
+
   describe("errors", function()
     it("eaddrinuse (Node test-cluster-eaddrinuse): a listen on a port another server holds fails with EADDRINUSE, syscall bind; the master forgets the key and a retry after the port is freed succeeds", function()
       local hog, port = local_server(0, "127.0.0.1")

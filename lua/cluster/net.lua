@@ -115,11 +115,17 @@ local function set_addresses(self)
     self.localAddress, self.localPort, self.localFamily = h:addresses()
 end
 
--- Wraps a connected stream userdata.
-local function socket_from_stream(stream, options)
+-- Wraps a connected stream userdata. The addresses, when the caller knows them
+-- (remote address, port, family, local address, port, family), save asking the kernel.
+local function socket_from_stream(stream, options, remoteAddress, ...)
   local self = new_socket(options)
   self._handle = stream
-  set_addresses(self)
+  if remoteAddress then
+    self.remoteAddress = remoteAddress
+    self.remotePort, self.remoteFamily, self.localAddress, self.localPort, self.localFamily = ...
+  else
+    set_addresses(self)
+  end
   if options and options.pauseOnConnect then self._paused = true end
   start_reading(self)
   return self
@@ -735,13 +741,15 @@ end
 --- Wraps an accepted, connected stream as a Socket and emits `'connection'`. Internal
 -- (round-robin connections from the master use it too).
 -- @param stream a cluster.tcp or cluster.pipe userdata
+-- @param ... optional remote address, port, family, local address, port, family (known
+--   to the caller; else read from the stream)
 -- @treturn Socket|nil the socket, or nil when the server is not listening (stream closed)
-function Server:_acceptStream(stream)
+function Server:_acceptStream(stream, ...)
   if not self.listening then
     stream:close()
     return nil
   end
-  local sock = socket_from_stream(stream, self)
+  local sock = socket_from_stream(stream, self, ...)
   sock.server = self
   self._connections[sock] = true
   self._connectionCount = self._connectionCount + 1

@@ -386,13 +386,14 @@ function M.installWorker(cluster)
     cluster._sendInternal(nil, info)
   end
 
-  -- connections handed by the master's round-robin distributor
-  cluster._channel:on_connection(function(rr_id, seq, stream)
+  -- connections handed by the master's round-robin distributor (a TCP connection comes
+  -- with its remote and local address, port and family, read by the master's accept)
+  cluster._channel:on_connection(function(rr_id, seq, stream, ...)
     local server = rr_servers[rr_id]
     local channel = cluster._channel
     if server and server.listening and channel then
       channel:answer(rr_id, seq, true)
-      server:_acceptStream(stream)
+      server:_acceptStream(stream, ...)
     else
       if channel then channel:answer(rr_id, seq, false) end
       stream:close()
