@@ -215,13 +215,15 @@ function H.teardown()
     listener_snapshot = nil
   end
   for _, w in ipairs(all_workers()) do w:removeAllListeners() end
-  for _, f in ipairs(tracked_files) do os.remove(f) end
-  tracked_files = {}
   local ok
   for _ = 1, 10 do
     local fine, res = pcall(H.kill_all)
     if fine then ok = res break end
   end
+  -- after the kill: a spawned master's shell writes its status file when it ends, and
+  -- a file removed before that would come back
+  for _, f in ipairs(tracked_files) do os.remove(f) end
+  tracked_files = {}
   assert(ok, "kill_all: processes still alive after SIGKILL")
 end
 
