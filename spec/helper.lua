@@ -187,7 +187,7 @@ function H.setup()
     -- one listener is kept as the function itself, more as an array (cluster.emitter)
     local copy = list
     if type(list) == "table" then
-      copy = {}
+      copy = setmetatable({}, getmetatable(list))
       for i = 1, #list do copy[i] = list[i] end
     end
     snap[name] = copy

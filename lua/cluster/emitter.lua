@@ -23,9 +23,21 @@ function Emitter.mixin(class)
   return class
 end
 
--- self._listeners[name] holds the event's one listener (a function) or an array of
--- them: most emitters (a socket's 'data', 'error') have a single listener per event,
--- which then costs no array.
+-- self._listeners[name] holds the event's one listener (a function) or, for more, an
+-- array that is itself callable (calling it calls each listener in turn): most
+-- emitters (a socket's 'data', 'error') have a single listener per event, which then
+-- costs no array, and emit() calls either without looking at which it is.
+local List = {}
+List.__index = List
+List.__call = function(list, ...)
+  -- on() appends to the same array, so iterate over a snapshot of its length;
+  -- off() replaces the array, so the loop keeps the old one.
+  local n = #list
+  for i = 1, n do list[i](...) end
+end
+
+local function is_list(cur) return getmetatable(cur) == List end
+
 local function check(fname, name, fn)
   if type(name) ~= "string" then
     error(fname .. ": bad argument #1 (event name): expected a string, got " .. type(name), 3)
@@ -43,11 +55,11 @@ local function add(self, name, fn)
     local cur = all[name]
     if cur == nil then
       all[name] = fn
-    elseif type(cur) == "function" then
-      all[name] = { cur, fn }
-    else
+    elseif is_list(cur) then
       -- appended in place: an emit in progress iterates only the length it started with
       cur[#cur + 1] = fn
+    else
+      all[name] = setmetatable({ cur, fn }, List)
     end
   end
   local hook = rawget(self, "_onNewListener")
@@ -84,7 +96,7 @@ function Emitter:off(name, fn)
   if cur == nil then return self end
   if fn == nil then
     all[name] = nil
-  elseif type(cur) == "function" then
+  elseif not is_list(cur) then
     if cur == fn or wrapped[cur] == fn then all[name] = nil end
   else
     -- copy-on-write: an emit in progress keeps iterating the old array
@@ -94,7 +106,7 @@ function Emitter:off(name, fn)
       local l = cur[i]
       if not removed and (l == fn or wrapped[l] == fn) then removed = true else kept[#kept + 1] = l end
     end
-    all[name] = #kept > 1 and kept or kept[1]
+    all[name] = #kept > 1 and setmetatable(kept, List) or kept[1]
   end
   local hook = rawget(self, "_onRemoveListener")
   if hook then hook(self, name) end
@@ -112,8 +124,7 @@ function Emitter:listenerCount(name)
   local all = rawget(self, "_listeners")
   local cur = all and all[name]
   if cur == nil then return 0 end
-  if type(cur) == "function" then return 1 end
-  return #cur
+  return is_list(cur) and #cur or 1
 end
 
 --- Calls every listener of `name` with the arguments. Returns true if there was any.
@@ -121,14 +132,7 @@ function Emitter:emit(name, ...)
   local all = rawget(self, "_listeners")
   local cur = all and all[name]
   if cur == nil then return false end
-  if type(cur) == "function" then
-    cur(...)
-    return true
-  end
-  -- on() appends to the same array, so iterate over a snapshot of its length;
-  -- off() replaces the array, so the loop keeps the old one.
-  local n = #cur
-  for i = 1, n do cur[i](...) end
+  cur(...)
   return true
 end
 

@@ -71,6 +71,9 @@ M.Socket = Socket
 
 local start_reading, schedule_flush
 
+-- every socket's buffer of unread chunks until it needs one of its own (never written)
+local NO_CHUNKS = {}
+
 -- A new 'data' listener gets what was buffered, or starts the reading that nobody
 -- wanted before; a socket already reading with nothing buffered needs no flush (no
 -- deferred call, so no timer, for every accepted connection).
@@ -92,7 +95,7 @@ local function new_socket(options)
     _handle = nil,
     _paused = false,   -- pause() was called
     _reading = false,  -- the handle is reading
-    _buffer = {},      -- chunks read while nobody took them
+    _buffer = NO_CHUNKS, -- chunks read while nobody took them
     _eof = false,      -- the peer ended, 'end' not yet emitted
     _readEnded = false,
     _writeEnded = false,
@@ -200,8 +203,13 @@ function Socket:_read(err, chunk)
   self.bytesRead = self.bytesRead + #chunk
   -- emit() says whether anyone took it; if nobody did (or the socket is paused, or
   -- older chunks wait), keep it and stop reading: backpressure to the peer
-  if self._paused or self._buffer[1] or not self:emit("data", chunk) then
-    self._buffer[#self._buffer + 1] = chunk
+  local buf = self._buffer
+  if self._paused or buf[1] or not self:emit("data", chunk) then
+    if buf == NO_CHUNKS then
+      buf = {}
+      self._buffer = buf
+    end
+    buf[#buf + 1] = chunk
     stop_reading(self)
   end
 end
