@@ -12,6 +12,8 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <errno.h>
+#include <unistd.h>
 
 #define TCP_TNAME "cluster.tcp"
 #define PIPE_TNAME "cluster.pipe"
@@ -403,6 +405,33 @@ static int s_read_start(lua_State *L) {
   return 1;
 }
 
+/* s:try_read() -> chunk | false (nothing yet) | nil (end of stream; reading stopped) |
+ * nil, err. One read(2) now, for a connection whose first bytes are likely waiting
+ * already: they are handled in the turn that accepted it rather than after the next
+ * poll, and a connection that is answered and closed at once is never registered with
+ * epoll at all. */
+static int s_try_read(lua_State *L) {
+  cl_handle *h = check_stream(L, 1);
+  uv_os_fd_t fd;
+  int err = uv_fileno(&h->u.handle, &fd);
+  if (err) { lua_pushboolean(L, 0); return 1; }
+  ssize_t n;
+  do n = read(fd, read_buffer, sizeof read_buffer); while (n < 0 && errno == EINTR);
+  if (n > 0) {
+    lua_pushlstring(L, read_buffer, (size_t)n);
+    return 1;
+  }
+  if (n == 0) {
+    uv_read_stop(&h->u.stream);
+    lua_pushnil(L);
+    return 1;
+  }
+  if (errno == EAGAIN || errno == EWOULDBLOCK) { lua_pushboolean(L, 0); return 1; }
+  lua_pushnil(L);
+  cl_push_error_object(L, uv_translate_sys_error(errno), "read", NULL);
+  return 2;
+}
+
 static int s_read_stop(lua_State *L) {
   cl_handle *h = check_stream(L, 1);
   uv_read_stop(&h->u.stream);
@@ -584,7 +613,8 @@ void cl_open_stream(lua_State *L) {
   if (sigaction(SIGPIPE, NULL, &sa) == 0 && sa.sa_handler == SIG_DFL) signal(SIGPIPE, SIG_IGN);
   static const luaL_Reg methods[] = {
     {"bind", s_bind}, {"listen", s_listen}, {"accept", s_accept}, {"connect", s_connect},
-    {"read_start", s_read_start}, {"read_stop", s_read_stop}, {"write", s_write},
+    {"read_start", s_read_start}, {"read_stop", s_read_stop}, {"try_read", s_try_read},
+    {"write", s_write},
     {"write_queue_size", s_write_queue_size}, {"shutdown", s_shutdown},
     {"getsockname", s_getsockname}, {"getpeername", s_getpeername},
     {"close", cl_handle_close_method}, {"fileno", cl_handle_fileno_method},

@@ -485,6 +485,57 @@ describe("cluster.net", function()
       close_server(server)
     end)
 
+    describe("bytes that arrived before the connection was accepted", function()
+      -- the client runs while this process's loop is blocked in os.execute, so the
+      -- connection waits in the backlog with its bytes (and its FIN) before the accept
+      local function blocked_client(port, payload)
+        local cmd = ("exec 3<>/dev/tcp/127.0.0.1/%d; printf '%s' >&3; exec 3>&-"):format(port, payload)
+        assert(os.execute("bash -c " .. ("%q"):format(cmd)))
+      end
+
+      local function record(server_opts, on_connection)
+        local events = {}
+        local server = net.createServer(server_opts, function(sock)
+          events[#events + 1] = "connection"
+          sock:on("data", function(d) events[#events + 1] = "data:" .. d end)
+          sock:on("end", function() events[#events + 1] = "end" end)
+          sock:on("close", function() events[#events + 1] = "close" end)
+          if on_connection then on_connection(sock, events) end
+        end)
+        server:listen(0, "127.0.0.1")
+        return server, server:address().port, events
+      end
+
+      it("reach 'data' once, in order, then 'end' and 'close'", function()
+        local server, port, events = record()
+        blocked_client(port, "hello")
+        assert.is_true(run_until(function() return events[#events] == "close" end))
+        assert.are.same({ "connection", "data:hello", "end", "close" }, events)
+        close_server(server)
+      end)
+
+      it("a connection ended before it was accepted gives 'end' and 'close', no 'data'", function()
+        local server, port, events = record()
+        blocked_client(port, "")
+        assert.is_true(run_until(function() return events[#events] == "close" end))
+        assert.are.same({ "connection", "end", "close" }, events)
+        close_server(server)
+      end)
+
+      it("wait while the 'connection' listener paused the socket", function()
+        local paused
+        local server, port, events = record(nil, function(sock) paused = sock sock:pause() end)
+        blocked_client(port, "later")
+        assert.is_true(run_until(function() return paused ~= nil end))
+        run_for(50)
+        assert.are.same({ "connection" }, events)
+        paused:resume()
+        assert.is_true(run_until(function() return events[#events] == "close" end))
+        assert.are.same({ "connection", "data:later", "end", "close" }, events)
+        close_server(server)
+      end)
+    end)
+
     it("emits 'end' then 'close' when the peer ends", function()
       local server = net.createServer(function(sock) sock:close("bye") end)
       server:listen(0, "127.0.0.1")

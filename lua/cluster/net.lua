@@ -762,6 +762,17 @@ function Server:_acceptStream(stream, ...)
   self._connections[sock] = true
   self._connectionCount = self._connectionCount + 1
   self:emit("connection", sock)
+  -- A new connection's first bytes are usually there already: take them now, after the
+  -- 'connection' listeners ran, rather than after the next poll (for a connection that
+  -- is answered and closed at once, that spares its epoll registration and a wake-up).
+  if sock._reading and not sock._paused and not sock.destroyed then
+    local chunk, err = sock._handle:try_read()
+    if chunk then
+      sock:_read(nil, chunk)
+    elseif chunk == nil then
+      sock:_read(err, nil) -- the end of the stream (libuv's reading stopped), or an error
+    end
+  end
   return sock
 end
 
