@@ -689,6 +689,23 @@ describe("sharing, SCHED_RR", function()
       assert.equal(w.process.pid, answered_by(ask(at(S.listen(w, "after", at(0)).address.port))))
     end)
 
+    it("a socket a worker passes on in its 'connection' listener arrives with the bytes the client sent first: the sender reads none of them", function()
+      local w = S.fork(1)[1]
+      local sock
+      w:on("message", function(m, handle)
+        if type(m) == "table" and m.ev == "handle" and handle then sock = handle end
+      end)
+      local port = S.listen(w, "pass", at(0), nil, "passup").address.port
+      local r = S.client(at(port), "ping\n", true)
+      assert.is_true(H.wait_until(function() return sock ~= nil end, 5000))
+      local got = ""
+      sock:on("data", function(d) got = got .. d end)
+      assert.is_true(H.wait_until(function() return got == "ping\n" end, 3000), "got " .. got)
+      sock:close("pong\n")
+      assert.is_true(H.wait_until(function() return r.done end, 5000))
+      assert.equal("pong\n", r.data)
+    end)
+
     it("a net server passed from a worker to the master and on to another worker keeps serving there", function()
       local ws = S.fork(2)
       local server

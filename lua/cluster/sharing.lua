@@ -59,9 +59,12 @@ function M.sendWithHandle(channel, message, obj, callback)
   if not raw then
     error("worker:send: bad argument #2 (handle): expected a listening net server, a connected net socket or a bound dgram socket", 3)
   end
-  -- a socket is the receiver's now: the sender's copy closes once every send of it is written
+  -- a socket is the receiver's now: the sender stops reading it at once (what arrives
+  -- from here on is the receiver's to read), and its copy closes once every send of it
+  -- is written
   local done = callback
   if kind == "net.Socket" then
+    obj:pause()
     obj._sendsInFlight = (obj._sendsInFlight or 0) + 1
     done = function(err)
       obj._sendsInFlight = obj._sendsInFlight - 1
