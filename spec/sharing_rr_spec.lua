@@ -397,6 +397,21 @@ describe("sharing, SCHED_RR", function()
       assert.equal(1, #exits) -- the other worker never got the connection
     end)
 
+    it("connections handed while the channel to a worker is backed up queue behind what it holds and are all answered once it reads again", function()
+      local w = S.fork(1)[1]
+      local port = S.listen(w, "backed", at(0)).address.port
+      w:send({ cmd = "block", ms = 400 })
+      assert(S.take(w, "blocking"))
+      H.run_for(60) -- its loop is blocked: nothing reads the channel
+      -- more than the socket buffer holds, so libuv keeps a queue on the channel and the
+      -- hand-offs cannot go out at once in one sendmsg
+      w:send(string.rep("x", 4 * 1024 * 1024))
+      local by, total, failures = S.tally(S.clients(20, at(port), 20, nil, 8000))
+      assert.same({}, failures)
+      assert.equal(20, total)
+      assert.same({ [w.process.pid] = 20 }, by)
+    end)
+
     it("connections handed to a hung worker and unanswered when it is SIGKILLed go to another worker: 200 of 200 answered", function()
       local ws = S.fork(2)
       local port = S.listen_all(ws, "hung", at(0))[1].address.port
