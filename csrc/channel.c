@@ -185,12 +185,17 @@ static int submit(cl_channel *ch, char *data, size_t len, int cbs, uv_stream_t *
  * kept for the next turn: no malloc, no write request, no epoll re-arm. Only what the
  * pipe does not take now becomes a libuv write request. Send callbacks waiting on these
  * bytes run only when called from the loop (in_loop), never inside a send or a close. */
-static void flush(cl_channel *ch, int in_loop) {
-  if (ch->out.len == 0 || cl_handle_is_closing(&ch->h)) return;
+/* The held answers are on their way (or the buffer was written another way). */
+static void release_answers(cl_channel *ch) {
   if (ch->answers_held) {
     ch->answers_held = 0;
     uv_timer_stop(ch->answer_timer); /* held answers always have their timer */
   }
+}
+
+static void flush(cl_channel *ch, int in_loop) {
+  release_answers(ch);
+  if (ch->out.len == 0 || cl_handle_is_closing(&ch->h)) return;
   if (in_loop || ch->out_cbs == LUA_NOREF) {
     uv_buf_t b = uv_buf_init(ch->out.data, (unsigned)ch->out.len);
     int n = uv_try_write(&ch->h.u.stream, &b, 1);
@@ -451,6 +456,7 @@ static int ch_flush_sync(lua_State *L) {
   if (done) {
     int cbs = ch->out_cbs;
     ch->out_cbs = LUA_NOREF;
+    release_answers(ch);
     unlink_flush(ch);
     run_write_cbs(L, cbs, 0);
   }
