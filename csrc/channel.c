@@ -403,22 +403,19 @@ static void on_answer_timer(uv_timer_t *t) {
   if (!cl_handle_is_closing(&ch->h)) schedule_flush(ch);
 }
 
-/* ch:answer(rr_id, seq, accepted): the worker's reply to a handed connection. */
-static int ch_answer(lua_State *L) {
-  cl_channel *ch = check_channel(L, 1);
-  uint32_t rr_id = (uint32_t)luaL_checkinteger(L, 2);
-  uint32_t seq = (uint32_t)luaL_checkinteger(L, 3);
-  int accepted = lua_toboolean(L, 4);
-  if (cl_buf_reserve(&ch->out, CL_FRAME_HEADER + 9) != 0) return luaL_error(L, "answer: out of memory");
+/* Appends the worker's answer to a handed connection; accepted ones may be held a
+ * little (see ANSWER_BATCH), others leave in this loop turn. Returns 0 or UV_ENOMEM. */
+static int queue_answer(cl_channel *ch, uint32_t rr_id, uint32_t seq, int answer) {
+  if (cl_buf_reserve(&ch->out, CL_FRAME_HEADER + 9) != 0) return UV_ENOMEM;
   char *p = ch->out.data + ch->out.len;
   put_le32(p, 9);
   p[4] = (char)CL_FRAME_CONN;
   put_le32(p + 5, rr_id);
   put_le32(p + 9, seq);
-  p[13] = (char)(accepted ? 1 : 0);
+  p[13] = (char)answer;
   ch->out.len += CL_FRAME_HEADER + 9;
   /* a flush already due this turn takes it along */
-  if (!accepted || ch->in_flush_list || ch->answers_held + 1 >= ANSWER_BATCH) {
+  if (answer != CL_CONN_ACCEPTED || ch->in_flush_list || ch->answers_held + 1 >= ANSWER_BATCH) {
     schedule_flush(ch);
   } else if (ch->answers_held++ == 0) {
     if (ch->answer_timer == NULL) {
@@ -430,6 +427,17 @@ static int ch_answer(lua_State *L) {
     }
     uv_timer_start(ch->answer_timer, on_answer_timer, ANSWER_DELAY_MS, 0);
   }
+  return 0;
+}
+
+/* ch:answer(rr_id, seq, accepted): the worker's reply to a handed connection. */
+static int ch_answer(lua_State *L) {
+  cl_channel *ch = check_channel(L, 1);
+  uint32_t rr_id = (uint32_t)luaL_checkinteger(L, 2);
+  uint32_t seq = (uint32_t)luaL_checkinteger(L, 3);
+  int accepted = lua_toboolean(L, 4);
+  if (queue_answer(ch, rr_id, seq, accepted ? CL_CONN_ACCEPTED : CL_CONN_REFUSED) != 0)
+    return luaL_error(L, "answer: out of memory");
   return 0;
 }
 
@@ -533,8 +541,8 @@ static int handle_conn_frame(cl_channel *ch, int flags, const char *p, uint32_t 
   lua_State *L = ch->h.L;
   if (!(flags & CL_FRAME_HANDLE)) {
     /* an answer, read by the master's round-robin distributor */
-    if (len != 9) { fail_channel(ch, "received a malformed connection answer"); return 0; }
-    if (conn_answer_fn) conn_answer_fn(ch, get_le32(p), get_le32(p + 4), p[8] != 0);
+    if (len != 9 || (unsigned char)p[8] > CL_CONN_NO_DESCRIPTOR) { fail_channel(ch, "received a malformed connection answer"); return 0; }
+    if (conn_answer_fn) conn_answer_fn(ch, get_le32(p), get_le32(p + 4), p[8]);
     return 1;
   }
   int kind = len >= 9 ? p[8] : 0;
@@ -544,13 +552,18 @@ static int handle_conn_frame(cl_channel *ch, int flags, const char *p, uint32_t 
     fail_channel(ch, "received a malformed connection frame");
     return 0;
   }
-  if (!pop_handle_typed(ch, kind == 1 ? UV_TCP : UV_NAMED_PIPE)) { fail_channel(ch, "a connection frame arrived without its descriptor"); return 0; }
+  if (!pop_handle_typed(ch, kind == 1 ? UV_TCP : UV_NAMED_PIPE)) {
+    /* The kernel drops descriptors a process has no room for (and truncates the rest of
+     * that message's): the master still holds the connection and hands it on. */
+    if (cl_handle_is_closing(&ch->h)) return 0;
+    return queue_answer(ch, get_le32(p), get_le32(p + 4), CL_CONN_NO_DESCRIPTOR) == 0;
+  }
   if (!cl_push_cb(&ch->h, CB_CONN)) {
     /* nobody takes connections here: refuse, so the master hands it to another worker */
     cl_handle *rh = cl_handle_test(L, -1);
     if (rh && !cl_handle_is_closing(rh)) cl_handle_close(rh);
     lua_pop(L, 1);
-    return 1;
+    return queue_answer(ch, get_le32(p), get_le32(p + 4), CL_CONN_REFUSED) == 0;
   }
   lua_insert(L, -2);
   lua_pushinteger(L, get_le32(p));

@@ -52,7 +52,14 @@ int cl_channel_send_conns(cl_channel *ch, const char *frames, size_t len, const 
 int cl_channel_send_conn(cl_channel *ch, const char *frame, size_t len, uv_stream_t *conn,
                          void (*done)(void *arg, int status), void *arg);
 
+/* A worker's answer to a hand-off (the answer frame's last byte). */
+#define CL_CONN_REFUSED 0       /* its server is not listening: hand it to another worker */
+#define CL_CONN_ACCEPTED 1
+#define CL_CONN_NO_DESCRIPTOR 2 /* the descriptor did not arrive (the worker is out of
+                                   descriptors, so the kernel dropped it): hand it on, and
+                                   send this worker one descriptor per message from now on */
+
 /* Called (master side) for every answer to a connection hand-off. */
-typedef void (*cl_conn_answer_fn)(cl_channel *ch, uint32_t rr_id, uint32_t seq, int accepted);
+typedef void (*cl_conn_answer_fn)(cl_channel *ch, uint32_t rr_id, uint32_t seq, int answer);
 void cl_channel_on_conn_answer(cl_conn_answer_fn fn);
 #endif

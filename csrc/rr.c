@@ -57,7 +57,8 @@ typedef struct rr_conn {
   sockaddr_any remote;    /* the peer (TCP), from accept4 */
   sockaddr_any local;     /* our end (TCP) */
   uv_stream_t *wrapped;   /* a libuv handle owning fd, when it went by the queued path */
-  rr *owner;
+  uint32_t rr_id;         /* its distributor, found by id: a write completing after the
+                             distributor closed finds nothing and closes the connection */
   rr_member *member;      /* the worker holding it unanswered, or NULL while queued */
   struct rr_conn *next;   /* in the queue or in the member's unanswered list */
   uint32_t seq;
@@ -75,6 +76,8 @@ struct rr_member {
   uint32_t next_seq;
   uint64_t handed;          /* connections this worker accepted */
   int leaving;              /* out of the rotation, waiting for its answers */
+  int one_at_a_time;        /* a descriptor failed to arrive: it is short of descriptors,
+                               so it gets one per message from now on */
   rr_conn *batch[BATCH_MAX]; /* assigned in this dispatch, not yet sent */
   int batch_n;
 };
@@ -154,9 +157,9 @@ static void requeue(rr *r, rr_conn *c) {
 static void on_handed(void *arg, int status) {
   rr_conn *c = arg;
   c->writing = 0;
-  if (c->orphaned) { close_conn(c); return; }
+  rr *r = find_rr(c->rr_id);
+  if (c->orphaned || r == NULL) { close_conn(c); return; }
   if (status == 0 && c->member) return; /* wait for the answer */
-  rr *r = c->owner;
   if (c->member) unlink_unanswered(c->member, c);
   requeue(r, c);
   dispatch(r);
@@ -252,18 +255,20 @@ static void dispatch(rr *r) {
     m->unanswered = c;
     m->inflight++;
     m->batch[m->batch_n++] = c;
-    if (m->batch_n == BATCH_MAX && send_batch(r, m) != 0) failed = 1;
+    if (m->batch_n == (m->one_at_a_time ? 1 : BATCH_MAX) && send_batch(r, m) != 0) failed = 1;
   }
   for (m = r->members; m; m = m->next) {
     if (m->batch_n > 0) send_batch(r, m);
   }
 }
 
-static void on_answer(cl_channel *ch, uint32_t rr_id, uint32_t seq, int accepted) {
+static void on_answer(cl_channel *ch, uint32_t rr_id, uint32_t seq, int answer) {
   rr *r = find_rr(rr_id);
   if (r == NULL) return;
+  int accepted = answer == CL_CONN_ACCEPTED;
   for (rr_member *m = r->members; m; m = m->next) {
     if ((cl_channel *)*m->channel_box != ch) continue;
+    if (answer == CL_CONN_NO_DESCRIPTOR) m->one_at_a_time = 1;
     for (rr_conn *c = m->unanswered; c; c = c->next) {
       if (c->seq != seq) continue;
       unlink_unanswered(m, c);
@@ -334,7 +339,7 @@ static void on_readable(uv_poll_t *p, int status, int events) {
     rr_conn *c = calloc(1, sizeof *c);
     if (c == NULL) { close(fd); rest_listener(r); break; }
     c->fd = fd;
-    c->owner = r;
+    c->rr_id = r->id;
     if (r->is_tcp) {
       c->remote = remote;
       socklen_t local_len = sizeof c->local;
@@ -369,7 +374,12 @@ static int was_served(rr *r, rr_conn *c) {
   if (len < sizeof ti) return 0; /* an older kernel: hand it on, as before */
   int unread = 0;
   if (ioctl(c->fd, FIONREAD, &unread) != 0) return 0;
-  return ti.bytes_received > (uint64_t)unread || ti.bytes_acked > 0 || ti.base.tcpi_unacked > 0;
+  /* the peer's FIN counts in bytes_received (one sequence number), not in FIONREAD */
+  int state = ti.base.tcpi_state;
+  uint64_t received = ti.bytes_received;
+  if (received > 0 && (state == TCP_CLOSE_WAIT || state == TCP_LAST_ACK || state == TCP_CLOSING ||
+                       state == TCP_TIME_WAIT || state == TCP_CLOSE)) received--;
+  return received > (uint64_t)unread || ti.bytes_acked > 0 || ti.base.tcpi_unacked > 0;
 }
 
 /* Detaches a member: its unanswered connections go back to the queue. */

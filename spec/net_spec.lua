@@ -443,6 +443,48 @@ describe("cluster.net", function()
       close_server(server)
     end)
 
+    it("destroySoon() after close() waits for the end to finish: every byte arrives, one 'finish'", function()
+      local size = 4 * 1024 * 1024
+      local events = {}
+      local server = net.createServer(function(sock)
+        sock:on("finish", function() events[#events + 1] = "finish" end)
+        sock:on("close", function() events[#events + 1] = "close" end)
+        sock:close(string.rep("q", size))
+        sock:destroySoon()
+      end)
+      server:listen(0, "127.0.0.1")
+      local got, closed = 0, false
+      local c = net.connect({ port = server:address().port, host = "127.0.0.1", allowHalfOpen = true })
+      c:on("data", function(d) got = got + #d end)
+      c:on("close", function() closed = true end)
+      assert.is_true(run_until(function() return #events == 2 end, 10000))
+      assert.are.same({ "finish", "close" }, events)
+      assert.is_true(run_until(function() return got == size end, 10000))
+      c:destroy()
+      assert.is_true(run_until(function() return closed end))
+      close_server(server)
+    end)
+
+    it("pauseOnConnect: nothing is read until resume()", function()
+      local sock
+      local server = net.createServer({ pauseOnConnect = true }, function(s) sock = s end)
+      server:listen(0, "127.0.0.1")
+      local c = net.connect(server:address().port, "127.0.0.1")
+      c:on("connect", function() c:write("early") end)
+      assert.is_true(run_until(function() return sock ~= nil end))
+      run_for(50)
+      assert.are.equal(0, sock.bytesRead)
+      local got = ""
+      sock:on("data", function(d) got = got .. d end)
+      run_for(30)
+      assert.are.equal("", got)
+      sock:resume()
+      assert.is_true(run_until(function() return got == "early" end))
+      c:destroy()
+      sock:destroy()
+      close_server(server)
+    end)
+
     it("destroySoon() after a large write sends every byte first", function()
       local size = 4 * 1024 * 1024
       local server_closed = false

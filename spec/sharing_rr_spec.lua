@@ -412,6 +412,29 @@ describe("sharing, SCHED_RR", function()
       assert.same({ [w.process.pid] = 20 }, by)
     end)
 
+    it("a worker short of file descriptors survives: descriptors the kernel drops are answered 'not received', and it gets one per message from then on", function()
+      local w = S.fork(1)[1]
+      local port = S.listen(w, "starved", at(0)).address.port
+      local pid = w.process.pid
+      local p = S.popen("prlimit --pid " .. pid .. " --nofile -o SOFT --noheadings 2>/dev/null")
+      local soft = p:read("a"):match("%d+")
+      p:close()
+      if not soft then pending("no prlimit(1)") return end
+      local used = 0
+      local list = S.popen("ls /proc/" .. pid .. "/fd")
+      for _ in list:lines() do used = used + 1 end
+      list:close()
+      -- room for 3 more descriptors: a batch of 20 hand-offs cannot all arrive
+      assert(S.sh("prlimit --pid " .. pid .. " --nofile=" .. (used + 3) .. ": >/dev/null 2>&1"))
+      local records = S.clients(20, at(port), 20, nil, 10000)
+      assert(S.sh("prlimit --pid " .. pid .. " --nofile=" .. soft .. ": >/dev/null 2>&1"))
+      local _, total = S.tally(records)
+      assert.is_true(total >= 3, "answered " .. total)
+      for _, r in ipairs(records) do assert.is_true(r.done) end -- answered or closed: none hangs
+      assert.is_false(w:isDead())
+      assert.equal(pid, answered_by(ask(at(port))))
+    end)
+
     it("connections handed to a hung worker and unanswered when it is SIGKILLed go to another worker: 200 of 200 answered", function()
       local ws = S.fork(2)
       local port = S.listen_all(ws, "hung", at(0))[1].address.port
@@ -801,6 +824,28 @@ describe("sharing, SCHED_RR", function()
       -- in the worker: the server's 'close' (after its last connection), then 'disconnect'
       assert.equal("close e\ndisconnect\n", H.read_file(log))
       os.remove(log)
+    end)
+
+    it("a worker that disconnected and then dies hands what it still held unanswered to another worker", function()
+      local ws = S.fork(2)
+      local port = S.listen_all(ws, "leave", at(0))[1].address.port
+      local victim, other = ws[1], ws[2]
+      victim:send({ cmd = "block", ms = 5000 })
+      assert(S.take(victim, "blocking"))
+      H.run_for(60) -- its loop is blocked: what it is handed stays unanswered
+      local records = {}
+      for i = 1, 6 do records[i] = S.client(at(port)) end
+      H.run_for(100)
+      victim:disconnect() -- it leaves the rotation, still holding its connections
+      H.run_for(50)
+      core.kill(victim.process.pid, "SIGKILL")
+      assert.is_true(H.wait_until(function()
+        for _, r in ipairs(records) do if not r.done then return false end end
+        return true
+      end, 5000), "connections were left waiting")
+      local by, total = S.tally(records)
+      assert.equal(6, total)
+      assert.same({ [other.process.pid] = 6 }, by)
     end)
 
     it("worker-no-exit (Node test-cluster-worker-no-exit): a disconnected worker with an open client connection exits only after the connection is destroyed", function()

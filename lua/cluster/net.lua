@@ -145,8 +145,8 @@ function Socket.new(options)
 end
 
 function start_reading(self)
-  if self._reading or self.destroyed or self._eof or self._readEnded or self.connecting
-     or not self._handle then
+  if self._reading or self._paused or self.destroyed or self._eof or self._readEnded
+     or self.connecting or not self._handle then
     return
   end
   local ok, _, code = self._handle:read_start(self._onRead)
@@ -352,7 +352,10 @@ Socket["end"] = Socket.close
 function Socket:destroySoon()
   if self.destroyed or self._destroySoon then return self end
   self._destroySoon = true
-  if self.connecting or not self._handle then
+  if self._ending or self.connecting or not self._handle then
+    -- ending already (close() was called), or not connected yet: end gracefully, and
+    -- destroy once the writing side is closed (Node's order)
+    if self._writeEnded then return self:destroy() end
     self:once("finish", function() self:destroy() end)
     return self:close()
   end
@@ -360,7 +363,8 @@ function Socket:destroySoon()
   self._finishOnClose = true
   -- closing the descriptor sends the FIN after the data the kernel holds; libuv's
   -- queue is written first (an empty write's callback runs after everything queued)
-  if self._handle:write_queue_size() == 0 or not self._handle:write("", function() self:destroy() end) then
+  local function written(err) self:destroy(err) end
+  if self._handle:write_queue_size() == 0 or not self._handle:write("", written) then
     self:destroy()
   end
   return self

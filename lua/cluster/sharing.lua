@@ -63,7 +63,9 @@ function M.sendWithHandle(channel, message, obj, callback)
   -- from here on is the receiver's to read), and its copy closes once every send of it
   -- is written
   local done = callback
+  local was_paused
   if kind == "net.Socket" then
+    was_paused = obj:isPaused()
     obj:pause()
     obj._sendsInFlight = (obj._sendsInFlight or 0) + 1
     done = function(err)
@@ -74,6 +76,11 @@ function M.sendWithHandle(channel, message, obj, callback)
   end
   local ok, res = pcall(channel.send, channel, true,
     { act = "handle", kind = kind, udpType = udp_type, msg = message }, raw, done)
+  if kind == "net.Socket" and not (ok and res) then
+    -- nothing was sent: the socket stays the sender's, as it was
+    obj._sendsInFlight = obj._sendsInFlight - 1
+    if obj._sendsInFlight == 0 and not was_paused and not obj.destroyed then obj:resume() end
+  end
   if not ok then error(res, 3) end
   return res
 end
@@ -170,7 +177,12 @@ function M.installMaster(cluster)
   -- The worker leaves the key. gone: its channel closed, so unanswered connections
   -- go to other workers at once.
   local function leave(entry, worker, gone)
-    if not entry.workers[worker.id] then return end
+    if not entry.workers[worker.id] then
+      -- a worker that left (disconnect) and now died: what it still held unanswered goes
+      -- to another worker (rr:remove ignores a channel that is not a member)
+      if gone and entry.rr and worker._channel then entry.rr:remove(worker._channel, true) end
+      return
+    end
     entry.workers[worker.id] = nil
     if entry.rr and worker._channel then
       entry.handed = (entry.handed or 0) + entry.rr:handed(worker._channel)
