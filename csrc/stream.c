@@ -537,15 +537,23 @@ static int push_name(lua_State *L, cl_handle *h, int peer) {
   return 1;
 }
 
-/* tcp:addresses() -> remoteAddress, remotePort, remoteFamily, localAddress, localPort,
- * localFamily (nils where unknown): both ends at once, without tables, for every
- * accepted connection. */
+/* tcp:addresses([localAddress, localPort, localFamily]) -> remoteAddress, remotePort,
+ * remoteFamily, localAddress, localPort, localFamily (nils where unknown): both ends at
+ * once, without tables, for every accepted connection. A local end the caller knows
+ * (its server's own address) is returned as given instead of asking the kernel. */
 static int s_addresses(lua_State *L) {
   cl_handle *h = cl_handle_check(L, 1, TCP_TNAME);
+  int known_local = !lua_isnoneornil(L, 2);
   struct sockaddr_storage ss;
   int len = sizeof ss;
   if (uv_tcp_getpeername(&h->u.tcp, (struct sockaddr *)&ss, &len) == 0) cl_push_sockaddr_values(L, (struct sockaddr *)&ss);
   else { lua_pushnil(L); lua_pushnil(L); lua_pushnil(L); }
+  if (known_local) {
+    lua_pushvalue(L, 2);
+    lua_pushvalue(L, 3);
+    lua_pushvalue(L, 4);
+    return 6;
+  }
   len = sizeof ss;
   if (uv_tcp_getsockname(&h->u.tcp, (struct sockaddr *)&ss, &len) == 0) cl_push_sockaddr_values(L, (struct sockaddr *)&ss);
   else { lua_pushnil(L); lua_pushnil(L); lua_pushnil(L); }

@@ -111,11 +111,35 @@ local function new_socket(options)
   return self
 end
 
-local function set_addresses(self)
+-- The address every connection a server accepts has as its local end: the server's
+-- own, unless it listens on every interface (then false, as for a unix socket).
+local function local_end(server)
+  local ends = server._localEnd
+  if ends == nil then
+    ends = false
+    local h = server._handle
+    if h and kind_of(h) == "tcp" then
+      local a = h:getsockname()
+      if a and a.address ~= "0.0.0.0" and a.address ~= "::" then ends = a end
+    end
+    server._localEnd = ends
+  end
+  return ends
+end
+
+-- Reads a connected TCP stream's addresses into the socket's fields; the accepting
+-- server's own address spares asking the kernel for the local end.
+local function set_addresses(self, server)
   local h = self._handle
   if kind_of(h) ~= "tcp" then return end
-  self.remoteAddress, self.remotePort, self.remoteFamily,
-    self.localAddress, self.localPort, self.localFamily = h:addresses()
+  local ends = server and getmetatable(server) == M.Server and local_end(server)
+  if ends then
+    self.remoteAddress, self.remotePort, self.remoteFamily,
+      self.localAddress, self.localPort, self.localFamily = h:addresses(ends.address, ends.port, ends.family)
+  else
+    self.remoteAddress, self.remotePort, self.remoteFamily,
+      self.localAddress, self.localPort, self.localFamily = h:addresses()
+  end
 end
 
 -- Wraps a connected stream userdata. The addresses, when the caller knows them
@@ -127,7 +151,7 @@ local function socket_from_stream(stream, options, remoteAddress, ...)
     self.remoteAddress = remoteAddress
     self.remotePort, self.remoteFamily, self.localAddress, self.localPort, self.localFamily = ...
   else
-    set_addresses(self)
+    set_addresses(self, options)
   end
   if options and options.pauseOnConnect then self._paused = true end
   start_reading(self)
@@ -700,6 +724,7 @@ end
 
 function Server:_setHandle(h)
   self._handle = h
+  self._localEnd = nil
   self.listening = true
   if self._unref then h:unref() end
   defer(function() if self.listening then self:emit("listening") end end)
