@@ -335,6 +335,15 @@ size_t cl_channel_conn_frame(char *out, uint32_t rr_id, uint32_t seq, int is_tcp
   return len;
 }
 
+/* Descriptors left with the first bytes of frames whose rest can't be queued (out of
+ * memory): the stream is out of step, so it ends. Shutting the socket down makes both
+ * sides read EOF, and the channel closes the usual way, from the loop; the connections
+ * stay unanswered, so the worker's leaving hands them on. Returns CL_CONN_SENT. */
+static int break_off(uv_os_fd_t fd) {
+  shutdown(fd, SHUT_RDWR);
+  return CL_CONN_SENT;
+}
+
 int cl_channel_send_conns(cl_channel *ch, const char *frames, size_t len, const int *fds, int n) {
   if (cl_handle_is_closing(&ch->h)) return UV_EPIPE;
   if (n < 1 || n > CL_CONN_BATCH_MAX) return UV_EINVAL;
@@ -363,7 +372,7 @@ int cl_channel_send_conns(cl_channel *ch, const char *frames, size_t len, const 
   if ((size_t)sent < len) {
     /* the descriptors left with the first bytes; the rest of the frames queue */
     char *rest = malloc(len - (size_t)sent);
-    if (rest == NULL) return UV_ENOMEM;
+    if (rest == NULL) return break_off(fd);
     memcpy(rest, frames + sent, len - (size_t)sent);
     /* fails only on a closing channel: the frames die with it, and the worker's exit
      * hands its unanswered connections to another worker */
@@ -386,7 +395,11 @@ int cl_channel_send_conn(cl_channel *ch, const char *frame, size_t len, uv_strea
   if (n > 0) off = (size_t)n; /* the descriptor left with the first bytes */
   else if (n != UV_EAGAIN) return n;
   write_req *wr = new_write_req(ch);
-  if (wr == NULL) return UV_ENOMEM;
+  if (wr == NULL) {
+    if (off == 0) return UV_ENOMEM;
+    uv_os_fd_t fd;
+    return uv_fileno(&ch->h.u.handle, &fd) == 0 ? break_off(fd) : UV_ENOMEM;
+  }
   wr->done = done;
   wr->done_arg = arg;
   memcpy(wr->small, frame + off, len - off);
