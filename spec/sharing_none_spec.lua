@@ -56,14 +56,7 @@ describe("sharing, SCHED_NONE", function()
   end)
 
   it("a worker's sockets carry the connection's addresses: IPv4, IPv6, and a dual-stack listener's mapped IPv4 client", function()
-    local w = S.fork(1)[1]
-    S.check_addresses(w, "a4", "127.0.0.1", "127.0.0.1", "IPv4")
-    if HAS_IPV6 then
-      S.check_addresses(w, "a6", "::1", "::1", "IPv6")
-      S.check_addresses(w, "any", nil, "127.0.0.1", "IPv6", "::ffff:127.0.0.1")
-    else
-      S.check_addresses(w, "any", nil, "127.0.0.1", "IPv4")
-    end
+    S.check_addresses(S.fork(1)[1])
   end)
 
   it("listening-port (Node test-cluster-listening-port): 'listening' reaches the master with the real port and addressType 4, 6, -1", function()

@@ -127,19 +127,16 @@ local function local_end(server)
   return ends
 end
 
+local UNKNOWN_END = {} -- no address known: the kernel is asked
+
 -- Reads a connected TCP stream's addresses into the socket's fields; the accepting
 -- server's own address spares asking the kernel for the local end.
 local function set_addresses(self, server)
   local h = self._handle
   if kind_of(h) ~= "tcp" then return end
-  local ends = server and getmetatable(server) == M.Server and local_end(server)
-  if ends then
-    self.remoteAddress, self.remotePort, self.remoteFamily,
-      self.localAddress, self.localPort, self.localFamily = h:addresses(ends.address, ends.port, ends.family)
-  else
-    self.remoteAddress, self.remotePort, self.remoteFamily,
-      self.localAddress, self.localPort, self.localFamily = h:addresses()
-  end
+  local ends = server and getmetatable(server) == M.Server and local_end(server) or UNKNOWN_END
+  self.remoteAddress, self.remotePort, self.remoteFamily,
+    self.localAddress, self.localPort, self.localFamily = h:addresses(ends.address, ends.port, ends.family)
 end
 
 -- Wraps a connected stream userdata. The addresses, when the caller knows them
