@@ -238,9 +238,13 @@ end
 
 local tmp_counter = 0
 --- A fresh temporary file name (removed by the caller or left in /tmp).
+-- The name carries the run's start time as well as the pid: pids are reused, and a file
+-- a killed run left behind (a spawned master's status, say) must never be read as this
+-- run's.
+local run_stamp = string.format("%x", math.floor(core.hrtime() * 1e6))
 function H.tmpname(tag)
   tmp_counter = tmp_counter + 1
-  return string.format("/tmp/luacluster-spec-%d-%d-%s", core.getpid(), tmp_counter, tag or "tmp")
+  return string.format("/tmp/luacluster-spec-%d-%s-%d-%s", core.getpid(), run_stamp, tmp_counter, tag or "tmp")
 end
 
 --- Quotes a string for sh.
@@ -252,6 +256,7 @@ end
 -- Returns {pid=, out=path, err=path, status=path}; status receives the exit code.
 function H.spawn_master(script, args, env)
   local out, err, status, pidfile = H.tmpname("out"), H.tmpname("err"), H.tmpname("status"), H.tmpname("pid")
+  for _, f in ipairs { out, err, status, pidfile } do os.remove(f) end
   local envs, cmdline = {}, { "lua5.4", H.shell_quote(script) }
   for k, v in pairs(env or {}) do envs[#envs + 1] = k .. "=" .. H.shell_quote(v) end
   for _, a in ipairs(args or {}) do cmdline[#cmdline + 1] = H.shell_quote(a) end
