@@ -185,10 +185,13 @@ static int l_pipe_new(lua_State *L) {
 
 /* ---- argument checks ---- */
 
+/* In the cluster.tcp and cluster.pipe metatables: every stream method checks it. */
+static const char STREAM_MARK = 0;
+
 static cl_handle *check_stream(lua_State *L, int idx) {
-  cl_handle **box = luaL_testudata(L, idx, TCP_TNAME);
-  if (box == NULL) box = luaL_testudata(L, idx, PIPE_TNAME);
-  if (box == NULL) luaL_typeerror(L, idx, "cluster.tcp or cluster.pipe");
+  if (lua_type(L, idx) != LUA_TUSERDATA || !cl_has_mark(L, idx, &STREAM_MARK))
+    luaL_typeerror(L, idx, "cluster.tcp or cluster.pipe");
+  cl_handle **box = lua_touserdata(L, idx);
   if (*box == NULL || cl_handle_is_closing(*box)) luaL_argerror(L, idx, "handle is closed");
   return *box;
 }
@@ -381,6 +384,11 @@ static void on_read(uv_stream_t *stream, ssize_t nread, const uv_buf_t *buf) {
   lua_State *L = h->L;
   if (nread == 0) return; /* EAGAIN: nothing to report */
   if (!cl_push_cb(h, SLOT_READ)) return;
+  int nargs = 2;
+  if (h->read_with_owner) {
+    cl_push_owner_ref(L, h->self_ref);
+    nargs = 3;
+  }
   if (nread > 0) {
     lua_pushnil(L);
     lua_pushlstring(L, buf->base, (size_t)nread);
@@ -391,13 +399,17 @@ static void on_read(uv_stream_t *stream, ssize_t nread, const uv_buf_t *buf) {
     cl_push_error_object(L, (int)nread, "read", NULL);
     lua_pushnil(L);
   }
-  cl_call(L, 2);
+  cl_call(L, nargs);
 }
 
-/* s:read_start(cb(err, chunk)); chunk nil (with err nil) means end of stream. */
+/* s:read_start(cb(err, chunk)) or s:read_start(cb(owner, err, chunk), owner); chunk
+ * nil (with err nil) means end of stream. The owner (the Socket) spares the Lua side
+ * a closure per connection. */
 static int s_read_start(lua_State *L) {
   cl_handle *h = check_stream(L, 1);
   luaL_checktype(L, 2, LUA_TFUNCTION);
+  h->read_with_owner = !lua_isnoneornil(L, 3);
+  if (h->read_with_owner) cl_set_owner(L, 1, 3);
   cl_set_cb(L, h, SLOT_READ, 2);
   int err = uv_read_start(&h->u.stream, on_alloc, on_read);
   if (err && err != UV_EALREADY) return cl_push_fail(L, err, "read");
@@ -637,6 +649,15 @@ void cl_open_stream(lua_State *L) {
   luaL_setfuncs(L, tcp_methods, 0);
   lua_pop(L, 2);
   cl_handle_register(L, PIPE_TNAME, methods);
+  cl_set_mark(L, TCP_TNAME, &STREAM_MARK);
+  cl_set_mark(L, PIPE_TNAME, &STREAM_MARK);
+  /* core.stream_methods: the tcp methods table, for Lua code that calls them as plain
+   * functions (a local, not a metatable lookup per call); the methods both kinds share
+   * are the same functions in the pipe's table. */
+  luaL_getmetatable(L, TCP_TNAME);
+  lua_getfield(L, -1, "__index");
+  lua_setfield(L, -3, "stream_methods");
+  lua_pop(L, 1);
   static const luaL_Reg fns[] = {
     {"tcp_new", l_tcp_new}, {"pipe_new", l_pipe_new}, {"error_object", l_error_object},
     {NULL, NULL}};

@@ -7,7 +7,6 @@
 #include <string.h>
 #include <strings.h>
 
-static const char HANDLE_TYPES[] = "cluster.handle_types"; /* registry: tname -> true */
 static int pending_error_ref = LUA_NOREF;
 
 uv_loop_t *cl_loop(void) { return uv_default_loop(); }
@@ -59,14 +58,26 @@ cl_handle *cl_handle_new(lua_State *L, size_t size, const char *tname) {
   return h;
 }
 
-static int is_handle_type(lua_State *L, int idx) {
+/* Every handle metatable holds [&HANDLE_MARK] = true: one lookup by a light userdata
+ * key tells a cluster handle from any other userdata (no string keys to intern). */
+static const char HANDLE_MARK = 0;
+
+int cl_has_mark(lua_State *L, int idx, const void *mark) {
   if (!lua_getmetatable(L, idx)) return 0;
-  lua_getfield(L, -1, "__name");
-  lua_getfield(L, LUA_REGISTRYINDEX, HANDLE_TYPES);
-  lua_pushvalue(L, -2);
-  int found = lua_rawget(L, -2) == LUA_TBOOLEAN;
-  lua_pop(L, 4);
+  int found = lua_rawgetp(L, -1, mark) == LUA_TBOOLEAN;
+  lua_pop(L, 2);
   return found;
+}
+
+void cl_set_mark(lua_State *L, const char *tname, const void *mark) {
+  luaL_getmetatable(L, tname);
+  lua_pushboolean(L, 1);
+  lua_rawsetp(L, -2, mark);
+  lua_pop(L, 1);
+}
+
+static int is_handle_type(lua_State *L, int idx) {
+  return cl_has_mark(L, idx, &HANDLE_MARK);
 }
 
 cl_handle *cl_handle_test(lua_State *L, int idx) {
@@ -98,9 +109,21 @@ static void on_handle_closed(uv_handle_t *uvh) {
   if (close_ref != LUA_NOREF) {
     lua_rawgeti(L, LUA_REGISTRYINDEX, close_ref);
     luaL_unref(L, LUA_REGISTRYINDEX, close_ref);
-    cl_call(L, 0);
+    cl_push_owner_ref(L, self_ref);
+    cl_call(L, 1);
   }
   luaL_unref(L, LUA_REGISTRYINDEX, self_ref);
+}
+
+void cl_set_owner(lua_State *L, int handle_idx, int owner_idx) {
+  lua_pushvalue(L, owner_idx);
+  lua_setiuservalue(L, handle_idx, 1);
+}
+
+void cl_push_owner_ref(lua_State *L, int self_ref) {
+  lua_rawgeti(L, LUA_REGISTRYINDEX, self_ref);
+  lua_getiuservalue(L, -1, 1);
+  lua_remove(L, -2);
 }
 
 void cl_handle_close(cl_handle *h) {
@@ -114,6 +137,7 @@ int cl_handle_close_method(lua_State *L) {
   if (h == NULL || cl_handle_is_closing(h)) return 0;
   if (!lua_isnoneornil(L, 2)) {
     luaL_checktype(L, 2, LUA_TFUNCTION);
+    if (!lua_isnoneornil(L, 3)) cl_set_owner(L, 1, 3);
     lua_pushvalue(L, 2);
     h->close_ref = luaL_ref(L, LUA_REGISTRYINDEX);
   }
@@ -163,15 +187,7 @@ void cl_handle_register(lua_State *L, const char *tname, const luaL_Reg *methods
   lua_pushcfunction(L, handle_tostring);
   lua_setfield(L, -2, "__tostring");
   lua_pop(L, 1);
-  if (lua_getfield(L, LUA_REGISTRYINDEX, HANDLE_TYPES) != LUA_TTABLE) {
-    lua_pop(L, 1);
-    lua_newtable(L);
-    lua_pushvalue(L, -1);
-    lua_setfield(L, LUA_REGISTRYINDEX, HANDLE_TYPES);
-  }
-  lua_pushboolean(L, 1);
-  lua_setfield(L, -2, tname);
-  lua_pop(L, 1);
+  cl_set_mark(L, tname, &HANDLE_MARK);
 }
 
 /* ---- callbacks ---- */

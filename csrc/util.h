@@ -50,6 +50,7 @@ typedef struct cl_handle {
   int self_ref;            /* registry ref pinning the userdata while open */
   int cbs[CL_MAX_CBS];     /* registry refs of Lua callbacks, LUA_NOREF if none */
   int close_ref;           /* callback for close, LUA_NOREF if none */
+  int read_with_owner;     /* a stream's read callback takes its owner first */
   void (*on_free)(struct cl_handle *); /* type-specific cleanup before free, may be NULL */
 } cl_handle;
 
@@ -64,10 +65,23 @@ cl_handle *cl_handle_test(lua_State *L, int idx);
 /* Registers metatable tname with methods (luaL_Reg, __index = methods) and the common
  * metamethods __gc, __close, __tostring; marks it as a cluster handle type. */
 void cl_handle_register(lua_State *L, const char *tname, const luaL_Reg *methods);
+/* Marks: a light userdata key `mark` set to true in metatable tname (cl_set_mark);
+ * cl_has_mark tells whether the value at idx has a metatable with that mark. Cheaper
+ * than luaL_testudata, which looks tname up in the registry by string. */
+void cl_set_mark(lua_State *L, const char *tname, const void *mark);
+int cl_has_mark(lua_State *L, int idx, const void *mark);
 /* Starts closing; the close callback frees everything. Safe to call twice. */
 void cl_handle_close(cl_handle *h);
 int cl_handle_is_closing(cl_handle *h);
-/* The generic Lua method h:close([cb]) for any handle type. */
+/* A handle's owner: the Lua object wrapping it (a net Socket), kept in the userdata's
+ * user value and passed first to the callbacks that were given it, so that the Lua
+ * side needs no closure per handle. cl_set_owner stores the value at owner_idx for the
+ * handle userdata at handle_idx; cl_push_owner_ref pushes the owner (or nil) of the
+ * handle pinned by self_ref. */
+void cl_set_owner(lua_State *L, int handle_idx, int owner_idx);
+void cl_push_owner_ref(lua_State *L, int self_ref);
+/* The generic Lua method h:close([cb[, owner]]) for any handle type: cb(owner) once
+ * closed (owner nil unless given here or before, e.g. to stream:read_start). */
 int cl_handle_close_method(lua_State *L);
 /* h:ref() / h:unref() / h:fileno() common methods. */
 int cl_handle_ref_method(lua_State *L);

@@ -48,9 +48,9 @@ local function check(fname, name, fn)
 end
 
 local function add(self, name, fn)
-  local all = rawget(self, "_listeners")
+  local all = self._listeners
   if not all then
-    rawset(self, "_listeners", { [name] = fn })
+    self._listeners = { [name] = fn }
   else
     local cur = all[name]
     if cur == nil then
@@ -62,7 +62,7 @@ local function add(self, name, fn)
       all[name] = setmetatable({ cur, fn }, List)
     end
   end
-  local hook = rawget(self, "_onNewListener")
+  local hook = self._onNewListener -- the object's own or its class's (a socket's)
   if hook then hook(self, name) end
   return self
 end
@@ -91,7 +91,7 @@ end
 
 --- Removes a listener (or, with no function, all listeners of that event). @treturn self
 function Emitter:off(name, fn)
-  local all = rawget(self, "_listeners")
+  local all = self._listeners
   local cur = all and all[name]
   if cur == nil then return self end
   if fn == nil then
@@ -108,20 +108,20 @@ function Emitter:off(name, fn)
     end
     all[name] = #kept > 1 and setmetatable(kept, List) or kept[1]
   end
-  local hook = rawget(self, "_onRemoveListener")
+  local hook = self._onRemoveListener
   if hook then hook(self, name) end
   return self
 end
 Emitter.removeListener = Emitter.off
 
 function Emitter:removeAllListeners(name)
-  if name == nil then rawset(self, "_listeners", nil) return self end
+  if name == nil then self._listeners = nil return self end
   return self:off(name)
 end
 
 --- Number of listeners for an event.
 function Emitter:listenerCount(name)
-  local all = rawget(self, "_listeners")
+  local all = self._listeners
   local cur = all and all[name]
   if cur == nil then return 0 end
   return is_list(cur) and #cur or 1
@@ -129,7 +129,7 @@ end
 
 --- Calls every listener of `name` with the arguments. Returns true if there was any.
 function Emitter:emit(name, ...)
-  local all = rawget(self, "_listeners")
+  local all = self._listeners
   local cur = all and all[name]
   if cur == nil then return false end
   cur(...)

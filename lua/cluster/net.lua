@@ -17,6 +17,12 @@ local type, select, error, tostring, tonumber, setmetatable, getmetatable, pairs
   type, select, error, tostring, tonumber, setmetatable, getmetatable, pairs
 local math_type, math_tointeger, tremove = math.type, math.tointeger, table.remove
 local defer = loop.defer
+-- the hot paths call these as plain functions: no method lookup through a metatable
+local emit = Emitter.emit
+local stream_methods = core.stream_methods
+local read_start, try_read, stream_write, write_queue_size, close_handle =
+  stream_methods.read_start, stream_methods.try_read, stream_methods.write,
+  stream_methods.write_queue_size, stream_methods.close
 
 local M = {}
 
@@ -69,7 +75,7 @@ local Socket = Emitter.mixin({})
 Socket.__index = Socket
 M.Socket = Socket
 
-local start_reading, schedule_flush
+local start_reading, schedule_flush, closed
 
 -- every socket's buffer of unread chunks until it needs one of its own (never written)
 local NO_CHUNKS = {}
@@ -78,36 +84,37 @@ local NO_CHUNKS = {}
 -- wanted before; a socket already reading with nothing buffered needs no flush (no
 -- deferred call, so no timer, for every accepted connection).
 local function on_new_listener(self, name)
-  if name == "data" and not self._paused
-     and (self._buffer[1] or self._eof or not self._reading) then
+  -- (a socket at its end is not reading: _eof implies not _reading)
+  if name == "data" and not self._paused and (not self._reading or self._buffer[1]) then
     schedule_flush(self)
   end
 end
 
+-- Every field's starting value lives in the class: a socket holds only the fields it
+-- has changed, so a connection that is accepted, answered and closed sets about 16
+-- keys instead of 30 (each new key costs a hash insertion, and a bigger table costs
+-- the allocator and the collector).
+Socket.connecting = false
+Socket.destroyed = false
+Socket.bytesRead = 0
+Socket.bytesWritten = 0
+Socket.allowHalfOpen = false
+Socket._paused = false   -- pause() was called
+Socket._reading = false  -- the handle is reading
+Socket._buffer = NO_CHUNKS -- chunks read while nobody took them
+Socket._eof = false      -- the peer ended, 'end' not yet emitted
+Socket._readEnded = false
+Socket._writeEnded = false
+Socket._ending = false   -- close() was called
+Socket._destroySoon = false   -- destroySoon() was called
+Socket._finishOnClose = false -- 'finish' comes with 'close' (destroySoon on a connected socket)
+Socket._pendingBytes = 0 -- bytes of the writes made while connecting (Socket._pending)
+Socket._needDrain = false
+Socket._onNewListener = on_new_listener
+
 local function new_socket(options)
-  options = options or {}
-  local self = setmetatable({
-    connecting = false,
-    destroyed = false,
-    bytesRead = 0,
-    bytesWritten = 0,
-    allowHalfOpen = options.allowHalfOpen and true or false,
-    _handle = nil,
-    _paused = false,   -- pause() was called
-    _reading = false,  -- the handle is reading
-    _buffer = NO_CHUNKS, -- chunks read while nobody took them
-    _eof = false,      -- the peer ended, 'end' not yet emitted
-    _readEnded = false,
-    _writeEnded = false,
-    _ending = false,   -- close() was called
-    _destroySoon = false,   -- destroySoon() was called
-    _finishOnClose = false, -- 'finish' comes with 'close' (destroySoon on a connected socket)
-    _pending = nil,    -- writes made while connecting: { {data, cb}, ... }
-    _pendingBytes = 0,
-    _needDrain = false,
-    _onNewListener = on_new_listener,
-  }, Socket)
-  self._onRead = function(err, chunk) self:_read(err, chunk) end
+  local self = setmetatable({}, Socket)
+  if options and options.allowHalfOpen then self.allowHalfOpen = true end
   return self
 end
 
@@ -139,18 +146,25 @@ local function set_addresses(self, server)
     self.localAddress, self.localPort, self.localFamily = h:addresses(ends.address, ends.port, ends.family)
 end
 
--- Wraps a connected stream userdata. The addresses, when the caller knows them
--- (remote address, port, family, local address, port, family), save asking the kernel.
-local function socket_from_stream(stream, options, remoteAddress, ...)
-  local self = new_socket(options)
-  self._handle = stream
-  if remoteAddress then
-    self.remoteAddress = remoteAddress
-    self.remotePort, self.remoteFamily, self.localAddress, self.localPort, self.localFamily = ...
-  else
-    set_addresses(self, options)
-  end
-  if options and options.pauseOnConnect then self._paused = true end
+-- Wraps a connected stream userdata: `options` (allowHalfOpen, pauseOnConnect) are
+-- those of `server` when a server accepted it. The addresses, when the caller knows
+-- them (remote address, port, family, local address, port, family), save asking the
+-- kernel.
+local function socket_from_stream(stream, options, server, remoteAddress, remotePort, remoteFamily,
+                                  localAddress, localPort, localFamily)
+  -- one constructor with the fields an accepted connection sets anyway: the table is
+  -- sized once instead of growing key by key
+  -- (and those read for every chunk and write, which the class would answer more slowly)
+  local self = setmetatable({
+    _handle = stream, _reading = false, server = server,
+    remoteAddress = remoteAddress, remotePort = remotePort, remoteFamily = remoteFamily,
+    localAddress = localAddress, localPort = localPort, localFamily = localFamily,
+    bytesRead = 0, bytesWritten = 0, _ending = false, destroyed = false, connecting = false,
+    _paused = options and options.pauseOnConnect and true or false, _buffer = NO_CHUNKS,
+    _listeners = nil, _destroySoon = nil, _finishOnClose = nil,
+  }, Socket)
+  if options and options.allowHalfOpen then self.allowHalfOpen = true end
+  if not remoteAddress then set_addresses(self, server) end
   start_reading(self)
   return self
 end
@@ -170,7 +184,7 @@ function start_reading(self)
      or self.connecting or not self._handle then
     return
   end
-  local ok, _, code = self._handle:read_start(self._onRead)
+  local ok, _, code = read_start(self._handle, Socket._read, self)
   if not ok then return self:destroy(uv_error(code, "read")) end
   self._reading = true
 end
@@ -199,7 +213,7 @@ local function flush(self)
   self._flushScheduled = false
   local buf = self._buffer
   while buf[1] and not self._paused and not self.destroyed and self:listenerCount("data") > 0 do
-    self:emit("data", tremove(buf, 1))
+    emit(self, "data", tremove(buf, 1))
   end
   if buf[1] or self._paused or self.destroyed then return end
   if self._eof then on_end(self) else start_reading(self) end
@@ -225,7 +239,7 @@ function Socket:_read(err, chunk)
   -- emit() says whether anyone took it; if nobody did (or the socket is paused, or
   -- older chunks wait), keep it and stop reading: backpressure to the peer
   local buf = self._buffer
-  if self._paused or buf[1] or not self:emit("data", chunk) then
+  if self._paused or buf[1] or not emit(self, "data", chunk) then
     if buf == NO_CHUNKS then
       buf = {}
       self._buffer = buf
@@ -277,7 +291,7 @@ function Socket:_drainMark(err)
 end
 
 local function do_write(self, data, cb)
-  local queued, _, code = self._handle:write(data, cb)
+  local queued, _, code = stream_write(self._handle, data, cb)
   if not queued then
     local err = uv_error(code, "write")
     if cb then defer(cb, err) end
@@ -384,11 +398,21 @@ function Socket:destroySoon()
   self._finishOnClose = true
   -- closing the descriptor sends the FIN after the data the kernel holds; libuv's
   -- queue is written first (an empty write's callback runs after everything queued)
-  local function written(err) self:destroy(err) end
-  if self._handle:write_queue_size() == 0 or not self._handle:write("", written) then
-    self:destroy()
+  local h = self._handle
+  if write_queue_size(h) > 0 and stream_write(h, "", function(err) self:destroy(err) end) then
+    return self
   end
-  return self
+  return self:destroy()
+end
+
+-- the end of destroy(), once the handle has closed
+function closed(self)
+  local err = self._destroyError
+  if self._finishOnClose and not err then emit(self, "finish") end
+  local server = self.server
+  if server then server:_connectionGone() end
+  if err then emit_error(self, err) end
+  emit(self, "close", err ~= nil)
 end
 
 --- Closes the connection at once, dropping unsent data. With `err`, `'error'(err)`
@@ -398,15 +422,9 @@ end
 function Socket:destroy(err)
   if self.destroyed then return self end
   self.destroyed = true
-  self.connecting = false
-  self._reading = false
-  local function closed()
-    if self._finishOnClose and not err then self:emit("finish") end
-    local server = self.server
-    if server then server:_connectionGone(self) end
-    if err then emit_error(self, err) end
-    self:emit("close", err ~= nil)
-  end
+  if self.connecting then self.connecting = false end
+  if self._reading then self._reading = false end
+  if err then self._destroyError = err end
   local pending = self._pending
   if pending then
     self._pending, self._pendingBytes = nil, 0
@@ -416,7 +434,7 @@ function Socket:destroy(err)
     end
   end
   local h = self._handle
-  if h then h:close(closed) else defer(closed) end
+  if h then close_handle(h, closed, self) else defer(closed, self) end
   return self
 end
 
@@ -565,6 +583,9 @@ M.createConnection = M.connect
 -- received over the IPC channel) as a Socket. Internal.
 function M._wrapStream(stream, options)
   if not kind_of(stream) then typeerror("net._wrapStream", 1, "stream", "a cluster.tcp or cluster.pipe handle", stream) end
+  if options ~= nil and type(options) ~= "table" then
+    typeerror("net._wrapStream", 2, "options", "a table or nil", options)
+  end
   return socket_from_stream(stream, options)
 end
 
@@ -595,7 +616,6 @@ function M.createServer(options, onConnection)
     allowHalfOpen = options.allowHalfOpen and true or false,
     pauseOnConnect = options.pauseOnConnect and true or false,
     _handle = nil,
-    _connections = {},
     _connectionCount = 0,
   }, Server)
   if onConnection then self:on("connection", onConnection) end
@@ -783,20 +803,18 @@ function Server:_acceptStream(stream, ...)
     stream:close()
     return nil
   end
-  local sock = socket_from_stream(stream, self, ...)
-  sock.server = self
-  self._connections[sock] = true
+  local sock = socket_from_stream(stream, self, self, ...)
   self._connectionCount = self._connectionCount + 1
-  self:emit("connection", sock)
+  emit(self, "connection", sock)
   -- A new connection's first bytes are usually there already: take them now, after the
   -- 'connection' listeners ran, rather than after the next poll (for a connection that
   -- is answered and closed at once, that spares its epoll registration and a wake-up).
-  if sock._reading and not sock._paused and not sock.destroyed then
-    local chunk, err = sock._handle:try_read()
+  if sock._reading then -- (not paused nor destroyed by the listeners: both stop reading)
+    local chunk, err = try_read(sock._handle)
     if chunk then
-      sock:_read(nil, chunk)
+      Socket._read(sock, nil, chunk)
     elseif chunk == nil then
-      sock:_read(err, nil) -- the end of the stream (libuv's reading stopped), or an error
+      Socket._read(sock, err, nil) -- the end of the stream (libuv's reading stopped), or an error
     end
   end
   return sock
@@ -820,9 +838,8 @@ function Server:_listenCancelled()
   return false
 end
 
-function Server:_connectionGone(sock)
-  if not self._connections[sock] then return end
-  self._connections[sock] = nil
+-- One of the server's connections has closed (each socket reports once: its 'close').
+function Server:_connectionGone()
   self._connectionCount = self._connectionCount - 1
   self:_maybeClosed()
 end
