@@ -727,6 +727,69 @@ describe("cluster.net", function()
       assert.is_true(run_until(function() return server_closed end))
     end)
 
+    it("counts each connection once however it ends: destroyed twice, destroyed with an error, ended by the peer", function()
+      local socks = {}
+      local server = net.createServer(function(sock)
+        socks[#socks + 1] = sock
+        sock:on("error", function() end)
+      end)
+      server:listen(0, "127.0.0.1")
+      local port = server:address().port
+      local clients = {}
+      for i = 1, 3 do
+        clients[i] = net.connect(port, "127.0.0.1")
+        clients[i]:on("error", function() end)
+      end
+      assert.is_true(run_until(function() return #socks == 3 end))
+      local function connections()
+        local count
+        server:getConnections(function(_, n) count = n end)
+        assert.is_true(run_until(function() return count ~= nil end))
+        return count
+      end
+      assert.are.equal(3, connections())
+      local closes = 0
+      for _, sock in ipairs(socks) do sock:on("close", function() closes = closes + 1 end) end
+      socks[1]:destroy()
+      socks[1]:destroy()
+      socks[2]:destroy({ code = "EFAKE", message = "fake" })
+      assert.is_true(run_until(function() return closes == 2 end))
+      assert.are.equal(1, connections())
+      local server_closed = 0
+      server:close(function() server_closed = server_closed + 1 end)
+      clients[3]:close()
+      assert.is_true(run_until(function() return closes == 3 and server_closed == 1 end))
+      assert.are.equal(0, connections())
+      run_for(50)
+      assert.are.equal(1, server_closed)
+      assert.are.equal(3, closes)
+    end)
+
+    it("an accepted socket starts from the class's field values and holds its own once set", function()
+      local accepted
+      local server = net.createServer({ allowHalfOpen = true }, function(sock) accepted = sock end)
+      server:listen(0, "127.0.0.1")
+      local c = net.connect(server:address().port, "127.0.0.1")
+      assert.is_true(run_until(function() return accepted ~= nil end))
+      assert.are.equal(false, accepted.destroyed)
+      assert.are.equal(false, accepted.connecting)
+      assert.are.equal(true, accepted.allowHalfOpen)
+      assert.are.equal(0, accepted.bytesRead)
+      assert.are.equal(server, accepted.server)
+      assert.are.equal("127.0.0.1", accepted.remoteAddress)
+      local other = net.Socket.new()
+      assert.are.equal(false, other.allowHalfOpen) -- not the accepted socket's
+      assert.are.equal(false, other.destroyed)
+      c:write("abc")
+      assert.is_true(run_until(function() return accepted.bytesRead == 3 end))
+      assert.are.equal(0, net.Socket.bytesRead) -- the class's value is untouched
+      accepted:destroy()
+      assert.are.equal(true, accepted.destroyed)
+      assert.are.equal(false, net.Socket.destroyed)
+      c:destroy()
+      close_server(server)
+    end)
+
     it("sets socket options (setNoDelay, setKeepAlive) without failing", function()
       local server, port = echo_server()
       local c = net.connect(port, "127.0.0.1")
