@@ -61,6 +61,26 @@ local function close_server(server)
   assert.is_true(run_until(function() return closed end), "server 'close' never came")
 end
 
+-- A server on 127.0.0.1 with `opts` and one client connection to it; `on_client(c)`
+-- runs as soon as the client exists. Returns server, client, the accepted socket.
+local function accept_one(opts, on_client)
+  local accepted
+  local server = net.createServer(opts, function(s) accepted = s end)
+  server:listen(0, "127.0.0.1")
+  local c = net.connect(server:address().port, "127.0.0.1")
+  if on_client then on_client(c) end
+  assert.is_true(run_until(function() return accepted ~= nil end))
+  return server, c, accepted
+end
+
+-- The server's connection count, as getConnections reports it.
+local function connection_count(server)
+  local count
+  server:getConnections(function(_, n) count = n end)
+  assert.is_true(run_until(function() return count ~= nil end))
+  return count
+end
+
 -- A port that nothing listens on (bound once, then released).
 local function free_port()
   local h = core.tcp_new()
@@ -466,12 +486,9 @@ describe("cluster.net", function()
     end)
 
     it("pauseOnConnect: nothing is read until resume()", function()
-      local sock
-      local server = net.createServer({ pauseOnConnect = true }, function(s) sock = s end)
-      server:listen(0, "127.0.0.1")
-      local c = net.connect(server:address().port, "127.0.0.1")
-      c:on("connect", function() c:write("early") end)
-      assert.is_true(run_until(function() return sock ~= nil end))
+      local server, c, sock = accept_one({ pauseOnConnect = true }, function(client)
+        client:on("connect", function() client:write("early") end)
+      end)
       run_for(50)
       assert.are.equal(0, sock.bytesRead)
       local got = ""
@@ -719,10 +736,7 @@ describe("cluster.net", function()
       assert.is_true(run_until(function() return got == "still here" end))
       run_for(100)
       assert.is_false(server_closed)
-      local count
-      server:getConnections(function(_, n) count = n end)
-      assert.is_true(run_until(function() return count ~= nil end))
-      assert.are.equal(1, count)
+      assert.are.equal(1, connection_count(server))
       c:close()
       assert.is_true(run_until(function() return server_closed end))
     end)
@@ -741,36 +755,26 @@ describe("cluster.net", function()
         clients[i]:on("error", function() end)
       end
       assert.is_true(run_until(function() return #socks == 3 end))
-      local function connections()
-        local count
-        server:getConnections(function(_, n) count = n end)
-        assert.is_true(run_until(function() return count ~= nil end))
-        return count
-      end
-      assert.are.equal(3, connections())
+      assert.are.equal(3, connection_count(server))
       local closes = 0
       for _, sock in ipairs(socks) do sock:on("close", function() closes = closes + 1 end) end
       socks[1]:destroy()
       socks[1]:destroy()
       socks[2]:destroy({ code = "EFAKE", message = "fake" })
       assert.is_true(run_until(function() return closes == 2 end))
-      assert.are.equal(1, connections())
+      assert.are.equal(1, connection_count(server))
       local server_closed = 0
       server:close(function() server_closed = server_closed + 1 end)
       clients[3]:close()
       assert.is_true(run_until(function() return closes == 3 and server_closed == 1 end))
-      assert.are.equal(0, connections())
+      assert.are.equal(0, connection_count(server))
       run_for(50)
       assert.are.equal(1, server_closed)
       assert.are.equal(3, closes)
     end)
 
     it("an accepted socket starts from the class's field values and holds its own once set", function()
-      local accepted
-      local server = net.createServer({ allowHalfOpen = true }, function(sock) accepted = sock end)
-      server:listen(0, "127.0.0.1")
-      local c = net.connect(server:address().port, "127.0.0.1")
-      assert.is_true(run_until(function() return accepted ~= nil end))
+      local server, c, accepted = accept_one({ allowHalfOpen = true })
       assert.are.equal(false, accepted.destroyed)
       assert.are.equal(false, accepted.connecting)
       assert.are.equal(true, accepted.allowHalfOpen)

@@ -91,8 +91,8 @@ local function on_new_listener(self, name)
 end
 
 -- Every field's starting value lives in the class: a socket holds only the fields it
--- has changed, so a connection that is accepted, answered and closed sets about 16
--- keys instead of 30 (each new key costs a hash insertion, and a bigger table costs
+-- has changed, so a connection that is accepted, answered and closed sets about 19
+-- keys instead of 29 (each new key costs a hash insertion, and a bigger table costs
 -- the allocator and the collector).
 Socket.connecting = false
 Socket.destroyed = false
@@ -152,9 +152,10 @@ end
 -- kernel.
 local function socket_from_stream(stream, options, server, remoteAddress, remotePort, remoteFamily,
                                   localAddress, localPort, localFamily)
-  -- one constructor with the fields an accepted connection sets anyway: the table is
-  -- sized once instead of growing key by key
-  -- (and those read for every chunk and write, which the class would answer more slowly)
+  -- One constructor with the fields an accepted connection sets anyway, and those read
+  -- for every chunk and write (the class would answer them more slowly): the table is
+  -- sized once instead of growing key by key. The nil entries only reserve room for
+  -- keys set later (the listeners, destroySoon's).
   local self = setmetatable({
     _handle = stream, _reading = false, server = server,
     remoteAddress = remoteAddress, remotePort = remotePort, remoteFamily = remoteFamily,
