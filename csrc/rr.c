@@ -5,8 +5,9 @@
  * it has not answered yet (workers answer in small batches); the rest wait in the distributor's queue. The master keeps its
  * copy of every handed connection until the worker answers: accepted -> closed here;
  * refused, or the worker left or died first -> handed to another worker. So connections
- * in flight to a dying worker are not lost. A connection refused by every member in turn
- * is closed.
+ * in flight to a dying worker are not lost. A refused connection goes only to members
+ * that have not refused it (a worker refuses when its server closed or holds its
+ * maxConnections); once every member has refused it, it is closed.
  *
  * The per-connection path avoids libuv's handle machinery: the listening socket is a
  * raw descriptor watched by a uv_poll, connections are accept4'ed into plain
@@ -45,6 +46,8 @@ typedef struct rr_member rr_member;
 /* Connections a worker may hold unanswered. Workers answer in batches of a few
  * (csrc/channel.c, ANSWER_BATCH); the window is well above that. */
 #define DEFAULT_WINDOW 16
+/* The members a connection remembers having refused it; one refused by more is closed. */
+#define REFUSERS_MAX 8
 
 typedef union sockaddr_any {
   struct sockaddr sa;
@@ -63,12 +66,15 @@ typedef struct rr_conn {
   struct rr_conn *next;   /* in the queue or in the member's unanswered list */
   uint32_t seq;
   int writing;            /* the hand-off write has not completed yet */
-  int attempts;           /* refusals so far */
+  int attempts;           /* times it came back (refused, or its worker left) */
+  int refusals;           /* members that answered "refused" (or "not received") */
+  uint32_t refused_by[REFUSERS_MAX]; /* their ids (rr_member.id) */
   int orphaned;           /* its distributor closed: close once the write completes */
 } rr_conn;
 
 struct rr_member {
   rr_member *next;
+  uint32_t id;              /* unique in its distributor (a freed member's address is not) */
   cl_handle **channel_box;  /* the channel's userdata slot (kept alive by channel_ref) */
   int channel_ref;
   rr_conn *unanswered;
@@ -96,6 +102,7 @@ struct rr {
   rr_member *members;
   rr_member *cursor;        /* the member that got the last connection */
   int member_count;
+  uint32_t next_member_id;
   rr_conn *queue_head, *queue_tail;
   uint64_t accepted, dropped;
   rr *next_rr;
@@ -165,12 +172,33 @@ static void on_handed(void *arg, int status) {
   dispatch(r);
 }
 
-static rr_member *next_free_member(rr *r) {
+static int has_refused(const rr_conn *c, const rr_member *m) {
+  for (int i = 0; i < c->refusals && i < REFUSERS_MAX; i++) if (c->refused_by[i] == m->id) return 1;
+  return 0;
+}
+
+/* Remembers that m refused c. */
+static void note_refusal(rr_conn *c, const rr_member *m) {
+  if (c->refusals < REFUSERS_MAX) c->refused_by[c->refusals] = m->id;
+  c->refusals++;
+}
+
+/* Whether every member in the rotation has refused c (then nobody will take it). */
+static int refused_by_all(rr *r, const rr_conn *c) {
+  if (c->refusals > REFUSERS_MAX) return 1;
+  for (rr_member *m = r->members; m; m = m->next)
+    if (!m->leaving && !has_refused(c, m)) return 0;
+  return 1;
+}
+
+/* The next member in turn with credit for c (one that has not refused it), or NULL. */
+static rr_member *next_free_member(rr *r, const rr_conn *c) {
   if (r->members == NULL) return NULL;
   rr_member *start = r->cursor && r->cursor->next ? r->cursor->next : r->members;
   rr_member *m = start;
   do {
-    if (!m->leaving && m->inflight < r->window && member_channel(m)) return m;
+    if (!m->leaving && m->inflight < r->window && member_channel(m) && (c->refusals == 0 || !has_refused(c, m)))
+      return m;
     m = m->next ? m->next : r->members;
   } while (m != start);
   return NULL;
@@ -240,14 +268,23 @@ static int send_batch(rr *r, rr_member *m) {
 }
 
 /* Assigns queued connections to members with credit, in turn, then sends each
- * member's share. A channel that fails stops the round until something changes. */
+ * member's share. A channel that fails stops the round until something changes. A
+ * refused connection at the head waits for a member that has not refused it (the
+ * others would refuse what follows it too), and is closed once all have. */
 static void dispatch(rr *r) {
   int failed = 0;
   rr_member *m;
-  while (!failed && r->queue_head && (m = next_free_member(r)) != NULL) {
-    rr_conn *c = r->queue_head;
+  rr_conn *c;
+  while (!failed && (c = r->queue_head) != NULL) {
+    m = next_free_member(r, c);
+    if (m == NULL && !(c->refusals > 0 && r->members && refused_by_all(r, c))) break;
     r->queue_head = c->next;
     if (!r->queue_head) r->queue_tail = NULL;
+    if (m == NULL) {
+      r->dropped++;
+      close_conn(c);
+      continue;
+    }
     r->cursor = m;
     c->seq = ++m->next_seq;
     c->member = m;
@@ -272,6 +309,7 @@ static void on_answer(cl_channel *ch, uint32_t rr_id, uint32_t seq, int answer) 
     for (rr_conn *c = m->unanswered; c; c = c->next) {
       if (c->seq != seq) continue;
       unlink_unanswered(m, c);
+      if (!accepted) note_refusal(c, m);
       if (m->leaving && m->unanswered == NULL) {
         /* a leaving member that has answered everything is gone */
         rr_member *gone = m;
@@ -432,6 +470,7 @@ static int rr_add(lua_State *L) {
   }
   rr_member *m = calloc(1, sizeof *m);
   if (m == NULL) return luaL_error(L, "rr:add: out of memory");
+  m->id = ++r->next_member_id;
   m->channel_box = lua_touserdata(L, 2);
   lua_pushvalue(L, 2);
   m->channel_ref = luaL_ref(L, LUA_REGISTRYINDEX);

@@ -836,6 +836,104 @@ describe("cluster.net", function()
     end)
   end)
 
+  describe("server.maxConnections (Node's test-net-server-max-connections, -drop-connections)", function()
+    -- n clients that stay connected; returns them once each is connected or closed
+    local function clients(port, n)
+      local list = {}
+      for i = 1, n do
+        local c = net.connect(port, "127.0.0.1")
+        local rec = { sock = c, data = "" }
+        c:on("data", function(d) rec.data = rec.data .. d end)
+        c:on("error", function() end)
+        c:on("close", function() rec.closed = true end)
+        list[i] = rec
+      end
+      return list
+    end
+
+    it("accepts up to maxConnections; the rest are closed at once with 'drop' and their addresses", function()
+      local accepted, drops = {}, {}
+      local server = net.createServer(function(s)
+        accepted[#accepted + 1] = s
+        s:write("hello")
+      end)
+      server.maxConnections = 2
+      server:on("drop", function(data) drops[#drops + 1] = data end)
+      server:listen(0, "127.0.0.1")
+      local port = server:address().port
+      local list = clients(port, 4)
+      assert.is_true(run_until(function() return #accepted == 2 and #drops == 2 end))
+      assert.is_true(run_until(function()
+        local closed = 0
+        for _, rec in ipairs(list) do if rec.closed then closed = closed + 1 end end
+        return closed == 2
+      end))
+      for _, rec in ipairs(list) do
+        -- a dropped client got nothing and was closed; a served one got "hello" and is open
+        if rec.closed then assert.equal("", rec.data) else assert.equal("hello", rec.data) end
+      end
+      for _, d in ipairs(drops) do
+        assert.equal("127.0.0.1", d.remoteAddress)
+        assert.equal("IPv4", d.remoteFamily)
+        assert.is_true(d.remotePort > 0)
+        assert.equal("127.0.0.1", d.localAddress)
+        assert.equal(port, d.localPort)
+      end
+      assert.equal(2, connection_count(server))
+      -- a served connection that ends makes room for one more
+      accepted[1]:destroy()
+      run_for(20)
+      local more = clients(port, 1)
+      assert.is_true(run_until(function() return more[1].data == "hello" end))
+      assert.equal(2, #drops)
+      for _, rec in ipairs(list) do rec.sock:destroy() end
+      more[1].sock:destroy()
+      close_server(server)
+    end)
+
+    it("maxConnections = 0 drops every connection; nil (the default) is no limit", function()
+      local accepted, drops = 0, 0
+      local server = net.createServer(function() accepted = accepted + 1 end)
+      assert.is_nil(server.maxConnections)
+      server.maxConnections = 0
+      server:on("drop", function() drops = drops + 1 end)
+      server:listen(0, "127.0.0.1")
+      local port = server:address().port
+      local list = clients(port, 3)
+      assert.is_true(run_until(function() return drops == 3 end))
+      assert.equal(0, accepted)
+      server.maxConnections = nil
+      local more = clients(port, 3)
+      assert.is_true(run_until(function() return accepted == 3 end))
+      assert.equal(3, drops)
+      for _, rec in ipairs(list) do rec.sock:destroy() end
+      for _, rec in ipairs(more) do rec.sock:destroy() end
+      close_server(server)
+    end)
+
+    it("a unix-socket server drops without addresses", function()
+      local path = tmp_path("max.sock")
+      local got
+      local server = net.createServer(function() end)
+      server.maxConnections = 0
+      server:on("drop", function(data) got = { data = data } end)
+      server:listen(path)
+      local c = net.connect({ path = path })
+      c:on("error", function() end)
+      assert.is_true(run_until(function() return got ~= nil end))
+      assert.is_nil(got.data)
+      c:destroy()
+      close_server(server)
+    end)
+
+    it("a maxConnections that is not a number is an error naming it", function()
+      local server = net.createServer(function() end)
+      server.maxConnections = "10"
+      assert.has_error(function() server:_full() end,
+        "server.maxConnections: expected a number or nil, got string")
+    end)
+  end)
+
   describe("IPv6", function()
     it("listens and connects on ::1 when the system has IPv6", function()
       if not has_ipv6() then

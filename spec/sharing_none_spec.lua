@@ -3,6 +3,7 @@
 -- fork in a process; busted loads the cluster module afresh for each spec file, so this
 -- file sets it before its first fork.) Ports of Node's test-cluster-shared-handle-bind-error,
 -- -server-restart-none, -disconnect-race, and the SCHED_NONE side of -net-listen,
+-- -net-server-drop-connection (maxConnections: here the worker drops, with 'drop'),
 -- -net-listen-relative-path, -eaddrinuse, -bind-privileged-port, -worker-wait-server-close.
 local cluster = require "cluster"
 local core = require "cluster.core"
@@ -225,6 +226,25 @@ describe("sharing, SCHED_NONE", function()
     w2:disconnect()
     assert.equal(0, (wait_exit(w1)))
     assert.equal(0, (wait_exit(w2)))
+  end)
+
+  it("a worker's server at its maxConnections accepts and closes what is over, with 'drop' and the client's address", function()
+    local w = S.fork(1)[1]
+    local port = S.listen(w, "max", at(0), nil, "hold", nil, 1).address.port
+    local held = S.client(at(port), nil, true)
+    assert.is_true(H.wait_until(function() return held.data ~= "" end, 5000))
+    assert.equal(w.process.pid, answered_by(held))
+    local over = S.client(at(port), nil, true)
+    assert.is_true(H.wait_until(function() return over.done end, 5000), "the connection over the limit was left open")
+    assert.equal("", over.data)
+    local drop = S.take(w, "drop", "max")
+    assert.is_truthy(drop)
+    assert.same({ remoteAddress = "127.0.0.1", remotePort = over.sock.localPort, remoteFamily = "IPv4",
+                  localAddress = "127.0.0.1", localPort = port }, drop.data)
+    held.sock:close()
+    assert.is_true(H.wait_until(function() return held.done end, 5000))
+    H.run_for(50) -- the worker sees the client's end and closes its side
+    assert.equal(w.process.pid, answered_by(ask(at(port))))
   end)
 
   it("a worker that closed its server no longer accepts; when the last one closes, the master drops the socket and connecting fails", function()

@@ -345,7 +345,62 @@ describe("sharing, SCHED_RR", function()
       assert.same({ [ws[2].process.pid] = 20 }, by)
     end)
 
-    it("net-server-drop-connection (Node test-cluster-net-server-drop-connection): connections handed to a worker whose server is closing are taken by the others", function()
+    it("net-server-drop-connection (Node test-cluster-net-server-drop-connection): a worker whose server is at its maxConnections refuses, and the master hands the connection to another: maxConnections 0, 1 and 9 take 0, 1 and 9 of 10", function()
+      local dir = S.tmpdir()
+      dirs[#dirs + 1] = dir
+      local path = dir .. "/max.sock"
+      local ws = S.fork(3)
+      for i, max in ipairs({ 0, 1, 9 }) do
+        local r = S.listen(ws[i], "max", { path = path }, nil, "hold", nil, max)
+        assert.equal("listening", r.ev)
+      end
+      -- the clients stay connected, so every worker's count stays where it got to
+      local records = {}
+      for i = 1, 10 do records[i] = S.client({ path = path }, nil, true) end
+      assert.is_true(H.wait_until(function()
+        for _, r in ipairs(records) do if not r.data:find("\n") then return false end end
+        return true
+      end, 8000), "not every connection was answered")
+      
+      local by, total, failures = S.tally(records)
+      assert.same({}, failures)
+      assert.equal(10, total)
+      assert.same({ [ws[2].process.pid] = 1, [ws[3].process.pid] = 9 }, by)
+      -- refused in the worker, not dropped: its server saw no 'drop'
+      assert.is_false(S.has(ws[1], "drop", "max"))
+      for _, r in ipairs(records) do r.sock:close() end
+      assert.is_true(H.wait_until(function()
+        for _, r in ipairs(records) do if not r.done then return false end end
+        return true
+      end, 5000))
+      -- with room again (the clients ended), worker 2 takes connections again
+      local again = S.tally(S.clients(4, { path = path }, 1))
+      assert.is_nil(again[ws[1].process.pid])
+      assert.equal(4, (again[ws[2].process.pid] or 0) + (again[ws[3].process.pid] or 0))
+    end)
+
+    it("a connection refused by every worker (each at its maxConnections) is closed by the master, and later ones are served once a worker has room", function()
+      local ws = S.fork(2)
+      local port
+      for _, w in ipairs(ws) do
+        port = S.listen(w, "full", at(0), nil, "hold", nil, 1).address.port
+      end
+      local held = { S.client(at(port), nil, true), S.client(at(port), nil, true) }
+      assert.is_true(H.wait_until(function() return held[1].data ~= "" and held[2].data ~= "" end, 5000))
+      assert.same({ [ws[1].process.pid] = 1, [ws[2].process.pid] = 1 }, (S.tally(held)))
+      local refused = S.client(at(port), nil, true)
+      assert.is_true(H.wait_until(function() return refused.done end, 5000), "the third connection was left open")
+      assert.equal("", refused.data)
+      held[1].sock:close()
+      assert.is_true(H.wait_until(function() return held[1].done end, 5000))
+      H.run_for(50) -- the worker sees the client's end and closes its side
+      local later = S.ask(at(port))
+      assert.is_truthy(S.answered_by(later))
+      held[2].sock:close()
+      assert.is_true(H.wait_until(function() return held[2].done end, 5000))
+    end)
+
+    it("connections handed to a worker whose server is closing are taken by the others", function()
       local dir = S.tmpdir()
       dirs[#dirs + 1] = dir
       local path = dir .. "/drop.sock"

@@ -594,7 +594,7 @@ end
 -- Server
 
 --- A TCP or unix-socket server: an emitter of `'listening'`, `'connection'(socket)`,
--- `'close'`, `'error'(err)`. Field `listening`.
+-- `'close'`, `'error'(err)`, `'drop'(data)`. Fields `listening`, `maxConnections`.
 -- @type Server
 local Server = Emitter.mixin({})
 Server.__index = Server
@@ -748,6 +748,32 @@ function Server:_setHandle(h)
   defer(function() if self.listening then self:emit("listening") end end)
 end
 
+--- Whether the server holds `maxConnections` connections already (Node's
+-- `server.maxConnections`: nil, the default, is no limit). Internal: the cluster layer
+-- refuses a round-robin connection to a full server, and the master hands it to
+-- another worker.
+function Server:_full()
+  local max = self.maxConnections
+  if max == nil then return false end
+  if type(max) ~= "number" or max ~= max then
+    error("server.maxConnections: expected a number or nil, got " .. (type(max) == "number" and "nan" or type(max)), 0)
+  end
+  return self._connectionCount >= max
+end
+
+-- A connection over maxConnections: closed at once, and 'drop' tells the server who it
+-- was (Node's fields, where the stream is TCP).
+local function drop(self, stream)
+  local data
+  if kind_of(stream) == "tcp" then
+    local remoteAddress, remotePort, remoteFamily, localAddress, localPort = stream:addresses()
+    data = { remoteAddress = remoteAddress, remotePort = remotePort, remoteFamily = remoteFamily,
+             localAddress = localAddress, localPort = localPort }
+  end
+  stream:close()
+  emit(self, "drop", data)
+end
+
 function Server:_onConnection(err)
   if err then return emit_error(self, err) end
   if not self._handle then return end
@@ -756,6 +782,7 @@ function Server:_onConnection(err)
     if code == "EAGAIN" then return end
     return emit_error(self, uv_error(code, "accept"))
   end
+  if self.maxConnections ~= nil and self:_full() then return drop(self, stream) end
   self:_acceptStream(stream)
 end
 

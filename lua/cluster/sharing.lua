@@ -406,7 +406,8 @@ function M.installWorker(cluster)
   cluster._channel:on_connection(function(rr_id, seq, stream, ...)
     local server = rr_servers[rr_id]
     local channel = cluster._channel
-    if server and server.listening and channel then
+    -- a server at its maxConnections refuses too: the master tries the other workers
+    if server and server.listening and channel and not (server.maxConnections ~= nil and server:_full()) then
       channel:answer(rr_id, seq, true)
       server:_acceptStream(stream, ...)
     else
