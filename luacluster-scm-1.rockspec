@@ -36,6 +36,7 @@ build = {
     ["cluster.child"] = "lua/cluster/child.lua",
     ["cluster.repl"] = "lua/cluster/repl.lua",
     ["cluster.net"] = "lua/cluster/net.lua",
+    ["cluster.idle_timeout"] = "lua/cluster/idle_timeout.lua",
     ["cluster.dgram"] = "lua/cluster/dgram.lua",
     ["cluster.sharing"] = "lua/cluster/sharing.lua",
     ["cluster.signals"] = "lua/cluster/signals.lua",

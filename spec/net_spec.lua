@@ -934,6 +934,129 @@ describe("cluster.net", function()
     end)
   end)
 
+  describe("socket:setTimeout (Node's test-net-socket-timeout, -settimeout)", function()
+    it("emits 'timeout' once after the socket is idle that long, and leaves it open", function()
+      local server, c, accepted = accept_one()
+      local timeouts, once = 0, 0
+      accepted:on("timeout", function() timeouts = timeouts + 1 end)
+      accepted:setTimeout(30, function() once = once + 1 end) -- a one-time listener
+      assert.equal(30, accepted.timeout)
+      assert.is_true(run_until(function() return timeouts == 1 end))
+      run_for(100)
+      assert.equal(1, timeouts) -- once per idle spell, not every 30 ms
+      assert.is_false(accepted.destroyed)
+      -- activity starts a new spell: the next 'timeout' comes 30 ms after it
+      local got = ""
+      c:on("data", function(d) got = got .. d end)
+      accepted:write("still here")
+      assert.is_true(run_until(function() return got == "still here" end))
+      assert.is_true(run_until(function() return timeouts == 2 end))
+      assert.equal(1, once)
+      c:destroy()
+      accepted:destroy()
+      close_server(server)
+    end)
+
+    it("reads and writes keep the socket from timing out; 'timeout' comes once they stop", function()
+      local server, c, accepted = accept_one()
+      local timeouts = 0
+      accepted:on("data", function() end)
+      accepted:setTimeout(80)
+      accepted:on("timeout", function() timeouts = timeouts + 1 end)
+      -- the peer writes every 10 ms for 300 ms: never 80 ms of silence
+      local stop = false
+      local function tick(n)
+        if stop or n == 0 then stop = true return end
+        c:write("x")
+        require("cluster.loop").setTimeout(tick, 10, n - 1)
+      end
+      tick(30)
+      assert.is_true(run_until(function() return stop end, 3000))
+      assert.equal(0, timeouts)
+      assert.is_true(run_until(function() return timeouts == 1 end))
+      c:destroy()
+      accepted:destroy()
+      close_server(server)
+    end)
+
+    it("a large write draining to the peer is not idle; a write the peer never reads times out", function()
+      local server, c, accepted = accept_one()
+      local timeouts = 0
+      accepted:on("timeout", function() timeouts = timeouts + 1 end)
+      local size, got = 32 * 1024 * 1024, 0
+      local payload = string.rep("z", size)
+      c:on("data", function(d) got = got + #d end)
+      accepted:setTimeout(30)
+      accepted:write(payload)
+      assert.is_true(run_until(function() return got == size end, 20000))
+      local during = timeouts
+      c:pause()
+      accepted:write(payload) -- the peer stopped reading: the queue stops shrinking
+      assert.is_true(run_until(function() return timeouts == 1 end, 5000))
+      assert.equal(0, during)
+      c:destroy()
+      accepted:destroy()
+      close_server(server)
+    end)
+
+    it("setTimeout(0) turns it off and removes the callback; a destroyed socket never times out", function()
+      local server, c, accepted = accept_one()
+      local fired = {}
+      local function cb() fired[#fired + 1] = "cb" end
+      accepted:setTimeout(20, cb)
+      accepted:setTimeout(0, cb)
+      assert.equal(0, accepted.timeout)
+      assert.equal(0, accepted:listenerCount("timeout"))
+      run_for(80)
+      assert.same({}, fired)
+      c:setTimeout(20, function() fired[#fired + 1] = "client" end)
+      c:destroy()
+      run_for(80)
+      assert.same({}, fired)
+      accepted:destroy()
+      close_server(server)
+    end)
+
+    it("times out a connection attempt that never completes, and the timer does not keep the loop alive", function()
+      -- a listener whose backlog is full never completes more handshakes
+      local h = core.tcp_new()
+      h:bind("127.0.0.1", 0)
+      h:listen(0, function() end)
+      local port = h:getsockname().port
+      local socks, timed_out = {}, nil
+      for i = 1, 8 do
+        local s = net.connect(port, "127.0.0.1")
+        s:on("error", function() end)
+        s:setTimeout(50, function()
+          if not timed_out then timed_out = i end
+          s:destroy()
+        end)
+        socks[i] = s
+      end
+      assert.is_true(run_until(function() return timed_out ~= nil end, 5000))
+      for _, s in ipairs(socks) do s:destroy() end
+      h:close()
+      settle()
+      -- an unref'd timer: a lone socket with a long timeout still lets the loop end
+      assert.is_false(core.alive())
+      local lone = net.Socket.new()
+      lone:setTimeout(60000)
+      assert.is_true(lone._idleTimer:active())
+      assert.is_false(core.alive())
+      lone:destroy()
+    end)
+
+    it("rejects a bad timeout or callback, naming the argument", function()
+      local s = net.Socket.new()
+      assert.has_error(function() s:setTimeout("10") end,
+        "socket:setTimeout: bad argument #1 (timeout): expected a number of milliseconds, got string")
+      assert.has_error(function() s:setTimeout(-1) end,
+        "socket:setTimeout: bad argument #1 (timeout): must be >= 0 and < 2^53 milliseconds, got -1")
+      assert.has_error(function() s:setTimeout(10, 5) end,
+        "socket:setTimeout: bad argument #2 (callback): expected a function, got number")
+    end)
+  end)
+
   describe("IPv6", function()
     it("listens and connects on ::1 when the system has IPv6", function()
       if not has_ipv6() then

@@ -12,6 +12,7 @@ local core = require "cluster.core"
 local Emitter = require "cluster.emitter"
 local loop = require "cluster.loop"
 local errors = require "cluster.errors"
+local idle = require "cluster.idle_timeout"
 
 local type, select, error, tostring, tonumber, setmetatable, getmetatable, pairs =
   type, select, error, tostring, tonumber, setmetatable, getmetatable, pairs
@@ -110,6 +111,8 @@ Socket._destroySoon = false   -- destroySoon() was called
 Socket._finishOnClose = false -- 'finish' comes with 'close' (destroySoon on a connected socket)
 Socket._pendingBytes = 0 -- bytes of the writes made while connecting (Socket._pending)
 Socket._needDrain = false
+Socket._idleMs = false   -- setTimeout's milliseconds, while it is on
+Socket._idleTimer = false
 Socket._onNewListener = on_new_listener
 
 local function new_socket(options)
@@ -230,6 +233,7 @@ end
 function Socket:_read(err, chunk)
   if self.destroyed then return end
   if err then return self:destroy(err) end
+  if self._idleMs then idle.touch(self) end
   if chunk == nil then
     self._reading = false -- libuv stops reading at the end
     self._eof = true
@@ -292,6 +296,7 @@ function Socket:_drainMark(err)
 end
 
 local function do_write(self, data, cb)
+  if self._idleMs then idle.touch(self) end
   local queued, _, code = stream_write(self._handle, data, cb)
   if not queued then
     local err = uv_error(code, "write")
@@ -426,6 +431,7 @@ function Socket:destroy(err)
   if self.connecting then self.connecting = false end
   if self._reading then self._reading = false end
   if err then self._destroyError = err end
+  if self._idleTimer then idle.stop(self, true) end
   local pending = self._pending
   if pending then
     self._pending, self._pendingBytes = nil, 0
@@ -453,6 +459,7 @@ function Socket:_connected(err)
   end
   self.connecting = false
   set_addresses(self)
+  if self._idleMs then idle.touch(self) end
   local pending = self._pending
   self._pending, self._pendingBytes = nil, 0
   local drain = self._needDrain
@@ -558,6 +565,33 @@ function Socket:setKeepAlive(enable, initialDelay)
   self._keepAlive = enable and math.tointeger(secs) or false
   local h = self._handle
   if h and not self.destroyed and kind_of(h) == "tcp" then h:keepalive(enable and true or false, self._keepAlive or 1) end
+  return self
+end
+
+--- Emits `'timeout'` after `ms` milliseconds without activity (bytes read, a write, a
+-- queued write draining), once per idle spell; the socket stays open (Node's
+-- `socket.setTimeout`). `ms` = 0 turns it off. `callback` is added as a one-time
+-- `'timeout'` listener (with 0, removed). Sets `socket.timeout`.
+-- @tparam number ms
+-- @tparam[opt] function callback
+-- @treturn Socket self
+function Socket:setTimeout(ms, callback)
+  if type(ms) ~= "number" then typeerror("socket:setTimeout", 1, "timeout", "a number of milliseconds", ms) end
+  if ms ~= ms or ms < 0 or ms >= 2 ^ 53 then
+    argerror("socket:setTimeout", 1, "timeout", "must be >= 0 and < 2^53 milliseconds, got " .. tostring(ms))
+  end
+  if callback ~= nil and type(callback) ~= "function" then
+    typeerror("socket:setTimeout", 2, "callback", "a function", callback)
+  end
+  ms = math_tointeger(math.ceil(ms))
+  self.timeout = ms
+  if ms == 0 then
+    if self._idleTimer then idle.stop(self) end
+    if callback then self:off("timeout", callback) end
+    return self
+  end
+  if callback then self:once("timeout", callback) end
+  if not self.destroyed then idle.start(self, ms) end
   return self
 end
 
