@@ -983,16 +983,35 @@ describe("cluster.net", function()
       local server, c, accepted = accept_one()
       local timeouts = 0
       accepted:on("timeout", function() timeouts = timeouts + 1 end)
-      local size, got = 32 * 1024 * 1024, 0
+      -- the peer reads slowly (a chunk, then a 4 ms pause): the 16 MiB write takes far
+      -- longer than the 300 ms timeout to drain, and the server neither reads nor writes
+      -- meanwhile; only the shrinking queue says it is not idle (libuv writes more only
+      -- when the kernel's send buffer is a third empty, so the queue moves in steps)
+      local size, got = 16 * 1024 * 1024, 0
       local payload = string.rep("z", size)
-      c:on("data", function(d) got = got + #d end)
-      accepted:setTimeout(30)
-      accepted:write(payload)
-      assert.is_true(run_until(function() return got == size end, 20000))
-      local during = timeouts
+      local slow = true
+      c:on("data", function(d)
+        got = got + #d
+        if slow then
+          c:pause()
+          require("cluster.loop").setTimeout(function() if slow then c:resume() end end, 4)
+        end
+      end)
+      local started, took, during = core.hrtime(), nil, nil
+      accepted:setTimeout(300)
+      -- the callback runs once libuv handed the last byte to the kernel (the kernel's
+      -- own buffer drains after that, unseen, as in Node)
+      accepted:write(payload, function()
+        took, during = core.hrtime() - started, timeouts
+      end)
+      assert.is_true(run_until(function() return got == size end, 30000))
+      assert.is_truthy(took)
+      slow = false
       c:pause()
+      local before = timeouts -- (one may have come while the kernel's buffer drained)
       accepted:write(payload) -- the peer stopped reading: the queue stops shrinking
-      assert.is_true(run_until(function() return timeouts == 1 end, 5000))
+      assert.is_true(run_until(function() return timeouts == before + 1 end, 5000))
+      assert.is_true(took > 0.6, "the transfer was too quick to tell (" .. took .. " s)")
       assert.equal(0, during)
       c:destroy()
       accepted:destroy()

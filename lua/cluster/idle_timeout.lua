@@ -28,7 +28,7 @@ local function expired(self)
   local timer = self._idleTimer
   local idle = now() - self._idleSince
   local q = queued(self)
-  local progressed = q > 0 and q ~= self._idleQueued
+  local progressed = q ~= self._idleQueued -- (to 0 too: the last step drained)
   self._idleQueued = q
   if progressed then
     self._idleSince = now()
