@@ -1,0 +1,164 @@
+-- Handles passed with messages in both directions: ports of Node's
+-- test/parallel/test-cluster-send-deadlock.js and test-cluster-send-handle-twice.js
+-- (worker side: spec/fixtures/send_worker.lua; this process is the master).
+--
+-- send-deadlock: the master runs a server; the worker connects to it twice; the master
+-- sends each accepted socket to the worker (worker:send("handle", socket)) and the
+-- worker sends every socket it gets straight back (cluster.worker:send("reply",
+-- socket)), so handle messages cross the channel master->worker and worker->master at
+-- the same time. Checked: no deadlock: each client reads the answer the master writes
+-- on the socket that came back (its own connection: the client's local port), and
+-- closes once the worker ended it; each socket went out and came back exactly once; the
+-- master's copies of the sent sockets close; the worker disconnects and exits with code
+-- 0 and no signal; then the server closes (Node closes it in 'exit'). Also run with 100
+-- connections at once, so that many handle messages are in flight both ways.
+--
+-- send-handle-twice: the worker's server (shared through the master) sends the socket
+-- it accepted to the master twice. Checked: no crash; both arrive as working sockets of
+-- the same connection (the master writes on each and the worker's client reads both
+-- answers); the client closes; the worker accepted exactly one connection, disconnects
+-- and exits with code 0 and no signal.
+local cluster = require "cluster"
+local net = require "cluster.net"
+local H = require "helper"
+local S = require "fixtures.share_lib"
+
+local WORKER = H.fixture("send_worker.lua")
+-- generous: the suite also runs under ASan+UBSan on a loaded machine
+local WAIT = 20000
+
+local function fork(mode)
+  cluster.setupMaster { exec = WORKER }
+  local w = cluster.fork({ SEND_MODE = mode })
+  local exit
+  w:on("exit", H.expect(function(code, signal) exit = { code = code, signal = signal } end, 1, "worker 'exit'"))
+  local function wait_exit()
+    assert(H.wait_until(function() return exit ~= nil end, WAIT), "the worker did not exit")
+    return exit.code, exit.signal
+  end
+  return w, wait_exit
+end
+
+local function is_socket(obj) return getmetatable(obj) == net.Socket end
+
+-- Node's test-cluster-send-deadlock with n client connections (Node: 2).
+local function send_deadlock(n)
+  local w, wait_exit = fork("deadlock")
+  local accepted, replies, report, errs = {}, {}, nil, {}
+  local server
+  -- the master's half: the server, which sends each accepted socket to the worker
+  server = S.track(net.createServer(function(socket)
+    accepted[#accepted + 1] = socket
+    socket:on("error", function(e) errs[#errs + 1] = "accepted: " .. tostring(e) end)
+    w:send("handle", socket)
+  end))
+  server:on("error", function(e) errs[#errs + 1] = "server: " .. tostring(e) end)
+  w:on("message", function(msg, handle)
+    if msg == "reply" then
+      replies[#replies + 1] = handle
+      if is_socket(handle) then
+        -- the socket is back: answer on it, with which connection it is (the client's
+        -- port); it ends once the client has ended (the 50 ms timer in the worker)
+        handle:on("error", function(e) errs[#errs + 1] = "reply: " .. tostring(e) end)
+        handle:write(tostring(handle.remotePort) .. "\n")
+      end
+    elseif type(msg) == "table" and msg.ev == "clients" then
+      report = msg
+    end
+  end)
+  local server_closed = false
+  w:on("exit", function() server:close(function() server_closed = true end) end)
+  server:listen(0, function()
+    w:send({ message = "listen", port = server:address().port, clients = n })
+  end)
+
+  local code, signal = wait_exit()
+  assert.equal(0, code)
+  assert.is_nil(signal)
+  assert.is_true(w.exitedAfterDisconnect)
+  assert.is_true(H.wait_until(function() return server_closed end, WAIT), "the server never closed")
+  assert.same({}, errs)
+
+  -- every client got its answer, on its own connection, and closed
+  assert.is_table(report, "the worker never reported its clients")
+  assert.equal(n, #report.clients)
+  for i, r in ipairs(report.clients) do
+    assert.is_nil(r.err, "client " .. i)
+    assert.is_number(r.port, "client " .. i .. " never connected")
+    assert.equal(r.port .. "\n", r.data, "client " .. i)
+  end
+  -- each socket went to the worker and came back once: master->worker, worker->master
+  assert.equal(n, #accepted)
+  assert.equal(n, #replies)
+  for i, s in ipairs(replies) do assert.is_true(is_socket(s), "reply " .. i .. " without a socket") end
+  assert.equal(n + 1, report.messages)   -- "listen" and one "handle" per connection (Node's mustCall(3))
+  assert.equal(n, report.handles)
+  -- the sender's copy closes once sent; the copy that came back ends with its client
+  assert.is_true(H.wait_until(function()
+    for _, s in ipairs(accepted) do if not s.destroyed then return false end end
+    for _, s in ipairs(replies) do if not s.destroyed then return false end end
+    return true
+  end, WAIT), "a socket stayed open")
+  H.finish(WAIT)
+end
+
+describe("sharing, handles sent both ways", function()
+  before_each(H.setup)
+  after_each(function()
+    S.close_tracked()
+    H.teardown()
+  end)
+
+  it("send-deadlock (Node test-cluster-send-deadlock): the master sends 2 accepted sockets to the worker while the worker sends them back; every client is answered on its own connection and closes; the worker exits 0, no signal", function()
+    send_deadlock(2)
+  end)
+
+  it("send-deadlock (Node test-cluster-send-deadlock): the same with 100 connections at once, many handle messages in flight both ways", function()
+    send_deadlock(100)
+  end)
+
+  it("send-handle-twice (Node test-cluster-send-handle-twice): a worker sends the socket it accepted to the master twice; no crash, both copies work, the client closes; the worker exits 0, no signal", function()
+    local w, wait_exit = fork("twice")
+    local got, report, errs = {}, nil, {}
+    local first
+    w:on("message", function(msg, handle)
+      if msg == "send-handle-1" or msg == "send-handle-2" then
+        got[#got + 1] = { msg, handle }
+        if not is_socket(handle) then return end
+        handle:on("error", function(e) errs[#errs + 1] = msg .. ": " .. tostring(e) end)
+        -- both copies are the same connection: each answers with its message. The
+        -- first waits (paused) for the second: read first, the client's end would end
+        -- the connection before the second could write.
+        handle:write(msg .. "\n")
+        if msg == "send-handle-1" then
+          first = handle
+          handle:pause()
+        elseif first then
+          first:resume()
+        end
+      elseif type(msg) == "table" and msg.ev == "client" then
+        report = msg
+      elseif type(msg) == "table" and msg.ev == "error" then
+        errs[#errs + 1] = "listen: " .. tostring(msg.message)
+      end
+    end)
+
+    local code, signal = wait_exit()
+    assert.equal(0, code)
+    assert.is_nil(signal)
+    assert.is_true(w.exitedAfterDisconnect)
+    assert.same({}, errs)
+    assert.equal(2, #got)
+    assert.equal("send-handle-1", got[1][1])
+    assert.equal("send-handle-2", got[2][1])
+    for i, g in ipairs(got) do assert.is_true(is_socket(g[2]), "copy " .. i .. " is not a socket") end
+    assert.is_table(report, "the worker's client never closed")
+    assert.is_nil(report.err)
+    assert.equal(1, report.connections)
+    assert.equal("send-handle-1\nsend-handle-2\n", report.data)
+    -- both copies end with the client
+    assert.is_true(H.wait_until(function() return got[1][2].destroyed and got[2][2].destroyed end, WAIT),
+      "a copy stayed open")
+    H.finish(WAIT)
+  end)
+end)
