@@ -1,10 +1,11 @@
 -- Port sharing under SCHED_RR (the default): workers listen through the master, which
 -- accepts and hands each connection to a worker (csrc/rr.c). Real sockets on loopback
 -- and unix paths. Ports of Node's test-cluster-listening-port, -net-listen,
--- -net-listen-relative-path, -dgram-1, -dgram-2, -dgram-reuse, -eaddrinuse,
--- -bind-twice, -bind-privileged-port, -server-restart-rr, -rr-domain-listen,
--- -accept-fail, -net-server-drop-connection, -send-deadlock, -send-handle-twice,
--- -worker-wait-server-close, -worker-no-exit, -disconnect.
+-- -net-listen-relative-path, -dgram-reuse, -eaddrinuse, -bind-twice,
+-- -bind-privileged-port, -server-restart-rr, -rr-domain-listen, -accept-fail,
+-- -net-server-drop-connection, -disconnect-race, -worker-wait-server-close,
+-- -worker-no-exit, -disconnect. (-dgram-1 and -dgram-2: sharing_dgram_spec.lua;
+-- -send-deadlock and -send-handle-twice: sharing_send_spec.lua.)
 local cluster = require "cluster"
 local net = require "cluster.net"
 local dgram = require "cluster.dgram"
@@ -106,7 +107,11 @@ describe("sharing, SCHED_RR", function()
       assert.equal(w.process.pid, answered_by(ask(at(got.port))))
     end)
 
-    it("net-listen (Node test-cluster-net-listen): the n-th listen(0) in every worker gets the same port, and each port serves", function()
+    it("net-listen (Node test-cluster-net-listen): a worker's listen() with no arguments listens on a port through the master; the worker then disconnects and exits 0", function()
+      S.listen_without_arguments()
+    end)
+
+    it("the n-th listen(0) in every worker gets the same port, and each port serves", function()
       local ws = S.fork(2)
       local first = S.listen_all(ws, "a", at(0))
       local second = S.listen_all(ws, "b", at(0))
@@ -162,7 +167,7 @@ describe("sharing, SCHED_RR", function()
       assert.equal(511, ss_backlog(r2.address.port))
     end)
 
-    it("net-listen-relative-path (Node test-cluster-net-listen-relative-path): a relative unix path, over 100 bytes absolute, is bound in the worker's cwd and removed when the last worker closes it", function()
+    it("net-listen-relative-path (Node test-cluster-net-listen-relative-path): a relative unix path, over 100 bytes absolute, is bound in the worker's cwd and removed when the last worker closes it, or exits without closing it", function()
       local dir = S.tmpdir()
       dirs[#dirs + 1] = dir
       local sockdir = dir .. "/unix-socket-dir"
@@ -192,6 +197,7 @@ describe("sharing, SCHED_RR", function()
       S.close(ws[2], "rel")
       assert.is_true(H.wait_until(function() return not S.exists(sockdir .. "/" .. name) end, 3000),
         "socket file left behind after the last worker closed it")
+      S.unix_socket_gone_with_worker(ws[1], sockdir, name)
     end)
 
     it("relative unix paths of workers in different directories are different sockets", function()
@@ -272,7 +278,7 @@ describe("sharing, SCHED_RR", function()
       assert.is_nil(err)
     end)
 
-    it("dgram-1 (Node test-cluster-dgram-1): two workers bind the same UDP port through the master; datagrams to it are received and answered", function()
+    it("two workers bind the same UDP port through the master; datagrams to it are received and answered", function()
       local ws = S.fork(2)
       local ports = {}
       for i, w in ipairs(ws) do
@@ -296,7 +302,7 @@ describe("sharing, SCHED_RR", function()
       assert.is_nil(err)
     end)
 
-    it("dgram-2 (Node test-cluster-dgram-2): workers send datagrams to a socket the master bound; all arrive", function()
+    it("workers send datagrams from sockets of their own (implicitly bound) to a socket the master bound; all arrive", function()
       local got = 0
       local s = track(dgram.createSocket("udp4", function() got = got + 1 end))
       local bound = false
@@ -343,6 +349,10 @@ describe("sharing, SCHED_RR", function()
       local by, total = S.tally(S.clients(20, at(port), 4))
       assert.equal(20, total)
       assert.same({ [ws[2].process.pid] = 20 }, by)
+    end)
+
+    it("disconnect-race (Node test-cluster-disconnect-race): worker 1 listens and is disconnected as worker 2 is forked; worker 2, disconnected at 'online', sends its listen(0) meanwhile: both exit 0 and the master keeps no socket", function()
+      S.disconnect_race()
     end)
 
     it("net-server-drop-connection (Node test-cluster-net-server-drop-connection): a worker whose server is at its maxConnections refuses, and the master hands the connection to another: maxConnections 0, 1 and 9 take 0, 1 and 9 of 10", function()
@@ -580,7 +590,7 @@ describe("sharing, SCHED_RR", function()
       assert.equal("ECONNREFUSED", ask(at(port)).err.code)
     end)
 
-    it("accept-fail (Node test-cluster-accept-fail): while the master cannot accept (EMFILE) the connection waits in the backlog; the master and the worker are untouched, and once descriptors are free again it is answered", function()
+    it("accept-fail (Node test-cluster-accept-fail; Node closes the connection, ours waits on purpose): while the master cannot accept (EMFILE) the connection waits in the backlog; the master and the worker are untouched, once descriptors are free again it is answered, and the worker then closes, disconnects and exits 0", function()
       local w = S.fork(1)[1]
       local port = S.listen(w, "a", at(0)).address.port
       local me = core.getpid()
@@ -609,6 +619,11 @@ describe("sharing, SCHED_RR", function()
       assert.equal(w.process.pid, answered_by(r))
       assert.is_false(w:isDead())
       assert.equal(w.process.pid, answered_by(ask(at(port))))
+      S.close(w, "a")
+      w:disconnect()
+      local code, signal = wait_exit(w)
+      assert.equal(0, code)
+      assert.is_nil(signal)
     end)
   end)
 
@@ -717,7 +732,7 @@ describe("sharing, SCHED_RR", function()
   end)
 
   describe("handles passed with messages", function()
-    it("send-deadlock (Node test-cluster-send-deadlock): the master passes accepted sockets to a worker, which answers on them; the master's copy is closed, so the client sees EOF", function()
+    it("the master passes accepted sockets to a worker, which answers on them; the master's copy is closed, so the client sees EOF", function()
       local w = S.fork(1)[1]
       local passed = {}
       local _, port = local_server(0, "127.0.0.1", function(c)
@@ -736,7 +751,7 @@ describe("sharing, SCHED_RR", function()
       assert(S.take(w, "got"))
     end)
 
-    it("send-deadlock, both ways: a socket sent to a worker and back is answered by the master", function()
+    it("a socket sent to a worker and back is answered by the master", function()
       local w = S.fork(1)[1]
       w:on("message", function(m, handle)
         if type(m) == "table" and m.ev == "handle" and handle then handle:close("master\n") end
@@ -747,7 +762,7 @@ describe("sharing, SCHED_RR", function()
       assert.equal("master\n", r.data)
     end)
 
-    it("send-handle-twice (Node test-cluster-send-handle-twice): a worker sends the same socket twice; both arrive and the client is answered and closed", function()
+    it("a worker sends the same socket twice; both arrive and the client is answered and closed", function()
       local w = S.fork(1)[1]
       local got = {}
       w:on("message", function(m, handle)
