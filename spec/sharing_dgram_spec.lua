@@ -38,39 +38,11 @@ local WAIT = 20000           -- generous: the suite also runs under ASan+UBSan
 
 local WORKER = H.fixture("dgram_worker.lua")
 
--- Reports of each worker not taken yet (see dgram_worker.lua).
-local inbox = setmetatable({}, { __mode = "k" })
+-- Waits (up to ms, default WAIT) for a report {ev=ev} from w (see dgram_worker.lua)
+-- and removes it from the reports kept by S.fork_script.
+local function take(w, ev, ms) return S.take(w, ev, nil, ms or WAIT) end
 
--- Forks n dgram_worker.lua workers with env; records each one's exit in w._specExit
--- (as share_lib's S.fork does, so S.wait_exit works) and keeps their reports.
-local function fork(n, env)
-  cluster.setupMaster { exec = WORKER }
-  local list = {}
-  for i = 1, n do
-    local w = cluster.fork(env)
-    inbox[w] = {}
-    w:on("exit", function(code, signal) w._specExit = { code = code, signal = signal } end)
-    w:on("message", function(m)
-      if type(m) == "table" and m.ev then
-        local box = inbox[w]
-        box[#box + 1] = m
-      end
-    end)
-    list[i] = w
-  end
-  return list
-end
-
--- Waits (up to ms) for a report {ev=ev} from w and removes it from the inbox.
-local function take(w, ev, ms)
-  local function find()
-    for i, m in ipairs(inbox[w]) do if m.ev == ev then return i end end
-  end
-  local i
-  H.wait_until(function() i = find() return i ~= nil end, ms or WAIT)
-  if not i then return nil end
-  return table.remove(inbox[w], i)
-end
+local function fork(n, env) return S.fork_script(WORKER, n, env) end
 
 -- A UDP port that nothing is bound to right now (on every interface).
 local function free_udp_port()

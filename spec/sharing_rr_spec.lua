@@ -18,6 +18,12 @@ local HAS_IPV6 = S.has_ipv6()
 local at, ask, answered_by, pids_of, track = S.at, S.ask, S.answered_by, S.pids_of, S.track
 local local_server, wait_exit, ss_backlog = S.local_server, S.wait_exit, S.ss_backlog
 local dirs = {}
+-- A fresh directory, removed after the spec.
+local function tmpdir()
+  local d = S.tmpdir()
+  dirs[#dirs + 1] = d
+  return d
+end
 
 describe("sharing, SCHED_RR", function()
   before_each(function()
@@ -69,8 +75,7 @@ describe("sharing, SCHED_RR", function()
         assert.is_true(a.port > 0)
       end
 
-      local dir = S.tmpdir()
-      dirs[#dirs + 1] = dir
+      local dir = tmpdir()
       local path = dir .. "/lp.sock"
       r = S.listen(w, "unix", { path = path })
       assert.equal("listening", r.ev)
@@ -168,8 +173,7 @@ describe("sharing, SCHED_RR", function()
     end)
 
     it("net-listen-relative-path (Node test-cluster-net-listen-relative-path): a relative unix path, over 100 bytes absolute, is bound in the worker's cwd and removed when the last worker closes it, or exits without closing it", function()
-      local dir = S.tmpdir()
-      dirs[#dirs + 1] = dir
+      local dir = tmpdir()
       local sockdir = dir .. "/unix-socket-dir"
       assert(S.sh("mkdir " .. H.shell_quote(sockdir)))
       local name = string.rep("A", 100 - #"./unix-socket-dir" - 1)
@@ -201,8 +205,7 @@ describe("sharing, SCHED_RR", function()
     end)
 
     it("relative unix paths of workers in different directories are different sockets", function()
-      local dir = S.tmpdir()
-      dirs[#dirs + 1] = dir
+      local dir = tmpdir()
       local a, b = dir .. "/a", dir .. "/b"
       assert(S.sh("mkdir " .. H.shell_quote(a) .. " " .. H.shell_quote(b)))
       local ws = S.fork(2)
@@ -220,8 +223,7 @@ describe("sharing, SCHED_RR", function()
     end)
 
     it("closing a worker's relative unix socket, short or too long for sun_path as an absolute path, never unlinks a same-named file in the master's cwd", function()
-      local dir = S.tmpdir()
-      dirs[#dirs + 1] = dir
+      local dir = tmpdir()
       local wdir, mdir = dir .. "/worker", dir .. "/master"
       assert(S.sh("mkdir " .. H.shell_quote(wdir) .. " " .. H.shell_quote(mdir)))
       local long = string.rep("L", 100)
@@ -356,8 +358,7 @@ describe("sharing, SCHED_RR", function()
     end)
 
     it("net-server-drop-connection (Node test-cluster-net-server-drop-connection): a worker whose server is at its maxConnections refuses, and the master hands the connection to another: maxConnections 0, 1 and 9 take 0, 1 and 9 of 10", function()
-      local dir = S.tmpdir()
-      dirs[#dirs + 1] = dir
+      local dir = tmpdir()
       local path = dir .. "/max.sock"
       local ws = S.fork(3)
       for i, max in ipairs({ 0, 1, 9 }) do
@@ -411,8 +412,7 @@ describe("sharing, SCHED_RR", function()
     end)
 
     it("connections handed to a worker whose server is closing are taken by the others", function()
-      local dir = S.tmpdir()
-      dirs[#dirs + 1] = dir
+      local dir = tmpdir()
       local path = dir .. "/drop.sock"
       local ws = S.fork(3)
       S.listen_all(ws, "p", { path = path })
