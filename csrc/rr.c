@@ -183,12 +183,16 @@ static void note_refusal(rr_conn *c, const rr_member *m) {
   c->refusals++;
 }
 
-/* Whether every member in the rotation has refused c (then nobody will take it). */
+/* Whether every member in the rotation has refused c (then nobody will take it). With
+ * nobody in the rotation, c waits for whoever joins. */
 static int refused_by_all(rr *r, const rr_conn *c) {
-  if (c->refusals > REFUSERS_MAX) return 1;
-  for (rr_member *m = r->members; m; m = m->next)
-    if (!m->leaving && !has_refused(c, m)) return 0;
-  return 1;
+  int in_rotation = 0;
+  for (rr_member *m = r->members; m; m = m->next) {
+    if (m->leaving) continue;
+    in_rotation = 1;
+    if (c->refusals <= REFUSERS_MAX && !has_refused(c, m)) return 0;
+  }
+  return in_rotation;
 }
 
 /* The next member in turn with credit for c (one that has not refused it), or NULL. */
@@ -277,7 +281,7 @@ static void dispatch(rr *r) {
   rr_conn *c;
   while (!failed && (c = r->queue_head) != NULL) {
     m = next_free_member(r, c);
-    if (m == NULL && !(c->refusals > 0 && r->members && refused_by_all(r, c))) break;
+    if (m == NULL && !(c->refusals > 0 && refused_by_all(r, c))) break;
     r->queue_head = c->next;
     if (!r->queue_head) r->queue_tail = NULL;
     if (m == NULL) {
