@@ -26,7 +26,8 @@ end
 -- self._listeners[name] holds the event's one listener (a function) or, for more, an
 -- array that is itself callable (calling it calls each listener in turn): most
 -- emitters (a socket's 'data', 'error') have a single listener per event, which then
--- costs no array, and emit() calls either without looking at which it is.
+-- costs no array, and emit() calls either without looking at which it is. Before the
+-- first listener, self._listeners is nil or false (an object may reserve the field).
 local List = {}
 List.__index = List
 List.__call = function(list, ...)
@@ -53,7 +54,7 @@ local function add(self, name, fn)
     self._listeners = { [name] = fn }
   else
     local cur = all[name]
-    if cur == nil then
+    if not cur then
       all[name] = fn
     elseif is_list(cur) then
       -- appended in place: an emit in progress iterates only the length it started with
@@ -93,7 +94,7 @@ end
 function Emitter:off(name, fn)
   local all = self._listeners
   local cur = all and all[name]
-  if cur == nil then return self end
+  if not cur then return self end
   if fn == nil then
     all[name] = nil
   elseif not is_list(cur) then
@@ -123,7 +124,7 @@ end
 function Emitter:listenerCount(name)
   local all = self._listeners
   local cur = all and all[name]
-  if cur == nil then return 0 end
+  if not cur then return 0 end
   return is_list(cur) and #cur or 1
 end
 
@@ -131,8 +132,18 @@ end
 function Emitter:emit(name, ...)
   local all = self._listeners
   local cur = all and all[name]
-  if cur == nil then return false end
+  if not cur then return false end
   cur(...)
+  return true
+end
+
+--- `emit` for an event with exactly one argument, without the cost of passing varargs
+-- (a socket's 'data', 'connection', 'close': once or more per connection).
+function Emitter.emitOne(self, name, arg)
+  local all = self._listeners
+  local cur = all and all[name]
+  if not cur then return false end
+  cur(arg)
   return true
 end
 

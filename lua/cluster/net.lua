@@ -19,7 +19,7 @@ local type, select, error, tostring, tonumber, setmetatable, getmetatable, pairs
 local math_type, math_tointeger, tremove = math.type, math.tointeger, table.remove
 local defer = loop.defer
 -- the hot paths call these as plain functions: no method lookup through a metatable
-local emit = Emitter.emit
+local emit, emit_one = Emitter.emit, Emitter.emitOne
 local stream_methods = core.stream_methods
 local read_start, try_read, stream_write, write_queue_size, close_handle =
   stream_methods.read_start, stream_methods.try_read, stream_methods.write,
@@ -76,7 +76,7 @@ local Socket = Emitter.mixin({})
 Socket.__index = Socket
 M.Socket = Socket
 
-local start_reading, schedule_flush, closed
+local start_reading, schedule_flush, closed, connection_gone
 
 -- every socket's buffer of unread chunks until it needs one of its own (never written)
 local NO_CHUNKS = {}
@@ -155,21 +155,31 @@ end
 -- kernel.
 local function socket_from_stream(stream, options, server, remoteAddress, remotePort, remoteFamily,
                                   localAddress, localPort, localFamily)
-  -- One constructor with the fields an accepted connection sets anyway, and those read
-  -- for every chunk and write (the class would answer them more slowly): the table is
-  -- sized once instead of growing key by key. The nil entries only reserve room for
-  -- keys set later (the listeners, destroySoon's).
+  -- One constructor with the fields an accepted connection sets anyway, and those it
+  -- reads (for every chunk and write, by the emitter for every listener added, and once
+  -- on the way to 'close'): the table is sized once instead of growing key by key, and
+  -- a read finds its field here instead of missing and asking the class. A missed read
+  -- costs more than the field's place in the constructor.
+  local paused = options and options.pauseOnConnect and true or false
   local self = setmetatable({
-    _handle = stream, _reading = false, server = server,
+    _handle = stream, _reading = not paused, server = server,
     remoteAddress = remoteAddress, remotePort = remotePort, remoteFamily = remoteFamily,
     localAddress = localAddress, localPort = localPort, localFamily = localFamily,
     bytesRead = 0, bytesWritten = 0, _ending = false, destroyed = false, connecting = false,
-    _paused = options and options.pauseOnConnect and true or false, _buffer = NO_CHUNKS,
-    _listeners = nil, _destroySoon = nil, _finishOnClose = nil,
+    _paused = paused, _buffer = NO_CHUNKS, _idleMs = false, _onNewListener = on_new_listener,
+    _listeners = false, _destroySoon = false, _finishOnClose = false, _destroyError = false,
+    _idleTimer = false, _pending = false,
   }, Socket)
   if options and options.allowHalfOpen then self.allowHalfOpen = true end
   if not remoteAddress then set_addresses(self, server) end
-  start_reading(self)
+  if not paused then
+    -- a new connection: nothing that start_reading() checks can stop it yet
+    local ok, _, code = read_start(stream, Socket._read, self)
+    if not ok then
+      self._reading = false
+      self:destroy(uv_error(code, "read"))
+    end
+  end
   return self
 end
 
@@ -217,7 +227,7 @@ local function flush(self)
   self._flushScheduled = false
   local buf = self._buffer
   while buf[1] and not self._paused and not self.destroyed and self:listenerCount("data") > 0 do
-    emit(self, "data", tremove(buf, 1))
+    emit_one(self, "data", tremove(buf, 1))
   end
   if buf[1] or self._paused or self.destroyed then return end
   if self._eof then on_end(self) else start_reading(self) end
@@ -244,7 +254,7 @@ function Socket:_read(err, chunk)
   -- emit() says whether anyone took it; if nobody did (or the socket is paused, or
   -- older chunks wait), keep it and stop reading: backpressure to the peer
   local buf = self._buffer
-  if self._paused or buf[1] or not emit(self, "data", chunk) then
+  if self._paused or buf[1] or not emit_one(self, "data", chunk) then
     if buf == NO_CHUNKS then
       buf = {}
       self._buffer = buf
@@ -408,7 +418,7 @@ function Socket:destroySoon()
   if write_queue_size(h) > 0 and stream_write(h, "", function(err) self:destroy(err) end) then
     return self
   end
-  return self:destroy()
+  return Socket.destroy(self)
 end
 
 -- the end of destroy(), once the handle has closed
@@ -416,9 +426,9 @@ function closed(self)
   local err = self._destroyError
   if self._finishOnClose and not err then emit(self, "finish") end
   local server = self.server
-  if server then server:_connectionGone() end
+  if server then connection_gone(server) end
   if err then emit_error(self, err) end
-  emit(self, "close", err ~= nil)
+  emit_one(self, "close", err and true or false)
 end
 
 --- Closes the connection at once, dropping unsent data. With `err`, `'error'(err)`
@@ -860,14 +870,16 @@ end
 -- @param ... optional remote address, port, family, local address, port, family (known
 --   to the caller; else read from the stream)
 -- @treturn Socket|nil the socket, or nil when the server is not listening (stream closed)
-function Server:_acceptStream(stream, ...)
+function Server:_acceptStream(stream, remoteAddress, remotePort, remoteFamily, localAddress, localPort,
+                              localFamily)
   if not self.listening then
     stream:close()
     return nil
   end
-  local sock = socket_from_stream(stream, self, self, ...)
+  local sock = socket_from_stream(stream, self, self, remoteAddress, remotePort, remoteFamily,
+                                  localAddress, localPort, localFamily)
   self._connectionCount = self._connectionCount + 1
-  emit(self, "connection", sock)
+  emit_one(self, "connection", sock)
   -- A new connection's first bytes are usually there already: take them now, after the
   -- 'connection' listeners ran, rather than after the next poll (for a connection that
   -- is answered and closed at once, that spares its epoll registration and a wake-up).
@@ -901,9 +913,9 @@ function Server:_listenCancelled()
 end
 
 -- One of the server's connections has closed (each socket reports once: its 'close').
-function Server:_connectionGone()
+function connection_gone(self)
   self._connectionCount = self._connectionCount - 1
-  self:_maybeClosed()
+  if self._closing then self:_maybeClosed() end
 end
 
 function Server:_maybeClosed()

@@ -403,13 +403,17 @@ function M.installWorker(cluster)
 
   -- connections handed by the master's round-robin distributor (a TCP connection comes
   -- with its remote and local address, port and family, read by the master's accept)
-  cluster._channel:on_connection(function(rr_id, seq, stream, ...)
+  -- (called once per connection: plain functions and fixed arguments, no varargs)
+  local accept_stream = require("cluster.net").Server._acceptStream
+  local answer = cluster._channel.answer
+  cluster._channel:on_connection(function(rr_id, seq, stream, remoteAddress, remotePort, remoteFamily,
+                                          localAddress, localPort, localFamily)
     local server = rr_servers[rr_id]
     local channel = cluster._channel
     -- a server at its maxConnections refuses too: the master tries the other workers
     if server and server.listening and channel and not (server.maxConnections ~= nil and server:_full()) then
-      channel:answer(rr_id, seq, true)
-      server:_acceptStream(stream, ...)
+      answer(channel, rr_id, seq, true)
+      accept_stream(server, stream, remoteAddress, remotePort, remoteFamily, localAddress, localPort, localFamily)
     else
       if channel then channel:answer(rr_id, seq, false) end
       stream:close()
