@@ -96,6 +96,8 @@ struct rr {
                                unless it is a wildcard (then getsockname per connection) */
   int bound_wildcard;
   uv_timer_t *retry;        /* rests the listener after EMFILE; NULL until needed */
+  uv_check_t *redispatch;   /* dispatches once the loop turn's answers are all read (see
+                               dispatch_soon); NULL until needed */
   char *path;               /* a unix socket's bound path, unlinked at close */
   uint32_t id;
   int window;
@@ -303,6 +305,26 @@ static void dispatch(rr *r) {
   }
 }
 
+static void on_redispatch(uv_check_t *check) {
+  uv_check_stop(check);
+  dispatch(check->data);
+}
+
+/* Answers return credit: dispatching at each one would send the queue's connections one
+ * per message, as credit trickles back. Dispatching once after this loop turn's reads
+ * (a check handle runs after the poll phase) gives each worker its share of the queue
+ * in one message. If the check can't be had, dispatch at once. */
+static void dispatch_soon(rr *r) {
+  if (r->redispatch == NULL) {
+    r->redispatch = malloc(sizeof *r->redispatch);
+    if (r->redispatch == NULL) { dispatch(r); return; }
+    uv_check_init(cl_loop(), r->redispatch);
+    uv_unref((uv_handle_t *)r->redispatch);
+    r->redispatch->data = r;
+  }
+  uv_check_start(r->redispatch, on_redispatch);
+}
+
 static void on_answer(cl_channel *ch, uint32_t rr_id, uint32_t seq, int answer) {
   rr *r = find_rr(rr_id);
   if (r == NULL) return;
@@ -325,7 +347,7 @@ static void on_answer(cl_channel *ch, uint32_t rr_id, uint32_t seq, int answer) 
         if (r->cursor == gone) r->cursor = NULL;
         luaL_unref(r->h.L, LUA_REGISTRYINDEX, gone->channel_ref);
         free(gone);
-        dispatch(r);
+        dispatch_soon(r);
         return;
       }
       if (accepted) {
@@ -336,7 +358,7 @@ static void on_answer(cl_channel *ch, uint32_t rr_id, uint32_t seq, int answer) 
       } else {
         requeue(r, c);
       }
-      dispatch(r);
+      dispatch_soon(r);
       return;
     }
     return;
@@ -569,7 +591,7 @@ static int rr_close(lua_State *L) {
   return n;
 }
 
-static void on_retry_closed(uv_handle_t *t) { free(t); }
+static void free_closed(uv_handle_t *t) { free(t); }
 
 static void rr_free(cl_handle *h) {
   rr *r = (rr *)h;
@@ -593,7 +615,8 @@ static void rr_free(cl_handle *h) {
     c = next;
   }
   r->queue_head = r->queue_tail = NULL;
-  if (r->retry) uv_close((uv_handle_t *)r->retry, on_retry_closed);
+  if (r->retry) uv_close((uv_handle_t *)r->retry, free_closed);
+  if (r->redispatch) uv_close((uv_handle_t *)r->redispatch, free_closed);
   free(r->path);
   /* closed without rr:close (at exit): the poll is closed, so epoll no longer has it */
   if (r->fd >= 0) close(r->fd);
