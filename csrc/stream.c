@@ -256,7 +256,30 @@ static int s_listen(lua_State *L) {
   return 1;
 }
 
-/* s:accept() -> stream of the same kind | nil, msg, code */
+/* Pushes a connected TCP stream's remote address, port and family, then its local ones
+ * (nils where unknown): both ends at once, without tables, for every accepted
+ * connection. A local end the caller knows (its server's own address, at local_idx,
+ * local_idx + 1, local_idx + 2) is pushed as given instead of asking the kernel. */
+static int push_addresses(lua_State *L, uv_tcp_t *tcp, int local_idx) {
+  struct sockaddr_storage ss;
+  int len = sizeof ss;
+  if (uv_tcp_getpeername(tcp, (struct sockaddr *)&ss, &len) == 0) cl_push_sockaddr_values(L, (struct sockaddr *)&ss);
+  else { lua_pushnil(L); lua_pushnil(L); lua_pushnil(L); }
+  if (!lua_isnoneornil(L, local_idx)) {
+    lua_pushvalue(L, local_idx);
+    lua_pushvalue(L, local_idx + 1);
+    lua_pushvalue(L, local_idx + 2);
+    return 6;
+  }
+  len = sizeof ss;
+  if (uv_tcp_getsockname(tcp, (struct sockaddr *)&ss, &len) == 0) cl_push_sockaddr_values(L, (struct sockaddr *)&ss);
+  else { lua_pushnil(L); lua_pushnil(L); lua_pushnil(L); }
+  return 6;
+}
+
+/* s:accept([localAddress, localPort, localFamily]) -> stream of the same kind | nil, msg,
+ * code. A TCP stream comes with its addresses, as tcp:addresses() returns them (the
+ * arguments are its server's own address, when the caller knows it). */
 static int s_accept(lua_State *L) {
   cl_handle *h = check_stream(L, 1);
   uv_handle_t *client = cl_stream_new(L, h->u.handle.type);
@@ -266,7 +289,8 @@ static int s_accept(lua_State *L) {
     lua_pop(L, 1);
     return cl_push_fail(L, err, "accept");
   }
-  return 1;
+  if (!is_tcp(h)) return 1;
+  return 1 + push_addresses(L, (uv_tcp_t *)client, 2);
 }
 
 /* ---- connect ---- */
@@ -550,26 +574,9 @@ static int push_name(lua_State *L, cl_handle *h, int peer) {
 }
 
 /* tcp:addresses([localAddress, localPort, localFamily]) -> remoteAddress, remotePort,
- * remoteFamily, localAddress, localPort, localFamily (nils where unknown): both ends at
- * once, without tables, for every accepted connection. A local end the caller knows
- * (its server's own address) is returned as given instead of asking the kernel. */
+ * remoteFamily, localAddress, localPort, localFamily (see push_addresses). */
 static int s_addresses(lua_State *L) {
-  cl_handle *h = cl_handle_check(L, 1, TCP_TNAME);
-  int known_local = !lua_isnoneornil(L, 2);
-  struct sockaddr_storage ss;
-  int len = sizeof ss;
-  if (uv_tcp_getpeername(&h->u.tcp, (struct sockaddr *)&ss, &len) == 0) cl_push_sockaddr_values(L, (struct sockaddr *)&ss);
-  else { lua_pushnil(L); lua_pushnil(L); lua_pushnil(L); }
-  if (known_local) {
-    lua_pushvalue(L, 2);
-    lua_pushvalue(L, 3);
-    lua_pushvalue(L, 4);
-    return 6;
-  }
-  len = sizeof ss;
-  if (uv_tcp_getsockname(&h->u.tcp, (struct sockaddr *)&ss, &len) == 0) cl_push_sockaddr_values(L, (struct sockaddr *)&ss);
-  else { lua_pushnil(L); lua_pushnil(L); lua_pushnil(L); }
-  return 6;
+  return push_addresses(L, &cl_handle_check(L, 1, TCP_TNAME)->u.tcp, 2);
 }
 
 /* s:getsockname() / s:getpeername() -> {address=, port=, family=} (tcp) or path (pipe) */

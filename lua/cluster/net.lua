@@ -21,9 +21,9 @@ local defer = loop.defer
 -- the hot paths call these as plain functions: no method lookup through a metatable
 local emit, emit_one = Emitter.emit, Emitter.emitOne
 local stream_methods = core.stream_methods
-local read_start, try_read, stream_write, write_queue_size, close_handle =
+local read_start, try_read, stream_write, write_queue_size, close_handle, stream_accept =
   stream_methods.read_start, stream_methods.try_read, stream_methods.write,
-  stream_methods.write_queue_size, stream_methods.close
+  stream_methods.write_queue_size, stream_methods.close, stream_methods.accept
 
 local M = {}
 
@@ -806,11 +806,10 @@ function Server:_full()
 end
 
 -- A connection over maxConnections: closed at once, and 'drop' tells the server who it
--- was (Node's fields, where the stream is TCP).
-local function drop(self, stream)
+-- was (Node's fields; none for a unix socket's connection).
+local function drop(self, stream, remoteAddress, remotePort, remoteFamily, localAddress, localPort)
   local data
-  if kind_of(stream) == "tcp" then
-    local remoteAddress, remotePort, remoteFamily, localAddress, localPort = stream:addresses()
+  if remoteAddress ~= nil then
     data = { remoteAddress = remoteAddress, remotePort = remotePort, remoteFamily = remoteFamily,
              localAddress = localAddress, localPort = localPort }
   end
@@ -818,16 +817,25 @@ local function drop(self, stream)
   emit(self, "drop", data)
 end
 
+-- listen callback: accepts the connection, which comes with its addresses when it is
+-- TCP (the server's own address is its local end, unless it listens on every interface)
 function Server:_onConnection(err)
   if err then return emit_error(self, err) end
-  if not self._handle then return end
-  local stream, _, code = self._handle:accept()
+  local h = self._handle
+  if not h then return end
+  local ends = local_end(self) or UNKNOWN_END
+  local stream, remoteAddress, remotePort, remoteFamily, localAddress, localPort, localFamily =
+    stream_accept(h, ends.address, ends.port, ends.family)
   if not stream then
+    local code = remotePort -- (nil, message, code)
     if code == "EAGAIN" then return end
     return emit_error(self, uv_error(code, "accept"))
   end
-  if self.maxConnections ~= nil and self:_full() then return drop(self, stream) end
-  self:_acceptStream(stream)
+  if self.maxConnections ~= nil and self:_full() then
+    return drop(self, stream, remoteAddress, remotePort, remoteFamily, localAddress, localPort)
+  end
+  Server._acceptStream(self, stream, remoteAddress, remotePort, remoteFamily, localAddress, localPort,
+                       localFamily)
 end
 
 --- Takes over a bound (not yet listening) handle from the master and listens on it
