@@ -51,7 +51,9 @@ end
 local function add(self, name, fn)
   local all = self._listeners
   if not all then
-    self._listeners = { [name] = fn }
+    -- room for four events from the start (the nil entries only size the table): a
+    -- socket's second event ('error' after 'data') would otherwise rehash it
+    self._listeners = { [name] = fn, _2 = nil, _3 = nil, _4 = nil }
   else
     local cur = all[name]
     if not cur then
