@@ -222,8 +222,16 @@ static void flush(cl_channel *ch, int in_loop) {
   if (err) run_write_cbs(ch->h.L, cbs, err);
 }
 
+/* In the channel's metatable: a mark is one lookup by a light userdata key, where
+ * luaL_checkudata looks the metatable up by name (ch:answer runs once per connection). */
+static const char CHANNEL_MARK = 0;
+
 static cl_channel *check_channel(lua_State *L, int idx) {
-  return (cl_channel *)cl_handle_check(L, idx, TNAME);
+  if (lua_type(L, idx) != LUA_TUSERDATA || !cl_has_mark(L, idx, &CHANNEL_MARK))
+    luaL_typeerror(L, idx, TNAME);
+  cl_handle *h = *(cl_handle **)lua_touserdata(L, idx);
+  if (h == NULL || cl_handle_is_closing(h)) luaL_argerror(L, idx, "handle is closed");
+  return (cl_channel *)h;
 }
 
 static void put_le32(char *p, uint32_t v) {
@@ -839,6 +847,7 @@ void cl_open_channel(lua_State *L) {
     {"ref", cl_handle_ref_method}, {"unref", cl_handle_unref_method},
     {"fileno", cl_handle_fileno_method}, {NULL, NULL}};
   cl_handle_register(L, TNAME, methods);
+  cl_set_mark(L, TNAME, &CHANNEL_MARK);
   lua_pushcfunction(L, l_channel_open);
   lua_setfield(L, -2, "channel_open");
 }
