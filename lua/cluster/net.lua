@@ -251,10 +251,15 @@ function Socket:_read(err, chunk)
     return
   end
   self.bytesRead = self.bytesRead + #chunk
-  -- emit() says whether anyone took it; if nobody did (or the socket is paused, or
-  -- older chunks wait), keep it and stop reading: backpressure to the peer
+  -- 'data' goes to its listeners (emit_one inlined: this runs for every chunk) unless
+  -- nobody listens, the socket is paused or older chunks wait: then the chunk is kept
+  -- and reading stops, backpressure to the peer
   local buf = self._buffer
-  if self._paused or buf[1] or not emit_one(self, "data", chunk) then
+  local all = self._listeners
+  local listener = all and all.data
+  if listener and not self._paused and not buf[1] then
+    listener(chunk)
+  else
     if buf == NO_CHUNKS then
       buf = {}
       self._buffer = buf
