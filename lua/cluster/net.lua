@@ -91,10 +91,9 @@ local function on_new_listener(self, name)
   end
 end
 
--- Every field's starting value lives in the class: a socket holds only the fields it
--- has changed, so a connection that is accepted, answered and closed sets about 19
--- keys instead of 29 (each new key costs a hash insertion, and a bigger table costs
--- the allocator and the collector).
+-- Every field's starting value lives in the class, so a socket made with Socket.new
+-- (a client) holds only the fields it has changed. An accepted connection's table is
+-- built in one constructor instead (socket_from_stream), with the fields its path reads.
 Socket.connecting = false
 Socket.destroyed = false
 Socket.bytesRead = 0
