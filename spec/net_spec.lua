@@ -73,6 +73,13 @@ local function accept_one(opts, on_client)
   return server, c, accepted
 end
 
+-- accept_one's teardown: both ends of the connection, then the server.
+local function close_accepted(server, c, accepted)
+  c:destroy()
+  accepted:destroy()
+  close_server(server)
+end
+
 -- The server's connection count, as getConnections reports it.
 local function connection_count(server)
   local count
@@ -952,9 +959,7 @@ describe("cluster.net", function()
       assert.is_true(run_until(function() return got == "still here" end))
       assert.is_true(run_until(function() return timeouts == 2 end))
       assert.equal(1, once)
-      c:destroy()
-      accepted:destroy()
-      close_server(server)
+      close_accepted(server, c, accepted)
     end)
 
     it("reads and writes keep the socket from timing out; 'timeout' comes once they stop", function()
@@ -974,9 +979,7 @@ describe("cluster.net", function()
       assert.is_true(run_until(function() return stop end, 3000))
       assert.equal(0, timeouts)
       assert.is_true(run_until(function() return timeouts == 1 end))
-      c:destroy()
-      accepted:destroy()
-      close_server(server)
+      close_accepted(server, c, accepted)
     end)
 
     it("a large write draining to the peer is not idle; a write the peer never reads times out", function()
@@ -1013,9 +1016,7 @@ describe("cluster.net", function()
       assert.is_true(run_until(function() return timeouts == before + 1 end, 5000))
       assert.is_true(took > 0.6, "the transfer was too quick to tell (" .. took .. " s)")
       assert.equal(0, during)
-      c:destroy()
-      accepted:destroy()
-      close_server(server)
+      close_accepted(server, c, accepted)
     end)
 
     it("setTimeout(0) turns it off and removes the callback; a destroyed socket never times out", function()
