@@ -227,11 +227,7 @@ static void flush(cl_channel *ch, int in_loop) {
 static const char CHANNEL_MARK = 0;
 
 static cl_channel *check_channel(lua_State *L, int idx) {
-  if (lua_type(L, idx) != LUA_TUSERDATA || !cl_has_mark(L, idx, &CHANNEL_MARK))
-    luaL_typeerror(L, idx, TNAME);
-  cl_handle *h = *(cl_handle **)lua_touserdata(L, idx);
-  if (h == NULL || cl_handle_is_closing(h)) luaL_argerror(L, idx, "handle is closed");
-  return (cl_channel *)h;
+  return (cl_channel *)cl_check_marked(L, idx, &CHANNEL_MARK, TNAME);
 }
 
 static void put_le32(char *p, uint32_t v) {

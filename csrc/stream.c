@@ -189,11 +189,7 @@ static int l_pipe_new(lua_State *L) {
 static const char STREAM_MARK = 0;
 
 static cl_handle *check_stream(lua_State *L, int idx) {
-  if (lua_type(L, idx) != LUA_TUSERDATA || !cl_has_mark(L, idx, &STREAM_MARK))
-    luaL_typeerror(L, idx, "cluster.tcp or cluster.pipe");
-  cl_handle **box = lua_touserdata(L, idx);
-  if (*box == NULL || cl_handle_is_closing(*box)) luaL_argerror(L, idx, "handle is closed");
-  return *box;
+  return cl_check_marked(L, idx, &STREAM_MARK, "cluster.tcp or cluster.pipe");
 }
 
 static int is_tcp(cl_handle *h) { return h->u.handle.type == UV_TCP; }

@@ -76,6 +76,13 @@ void cl_set_mark(lua_State *L, const char *tname, const void *mark) {
   lua_pop(L, 1);
 }
 
+cl_handle *cl_check_marked(lua_State *L, int idx, const void *mark, const char *expected) {
+  if (lua_type(L, idx) != LUA_TUSERDATA || !cl_has_mark(L, idx, mark)) luaL_typeerror(L, idx, expected);
+  cl_handle *h = *(cl_handle **)lua_touserdata(L, idx);
+  if (h == NULL || cl_handle_is_closing(h)) luaL_argerror(L, idx, "handle is closed");
+  return h;
+}
+
 static int is_handle_type(lua_State *L, int idx) {
   return cl_has_mark(L, idx, &HANDLE_MARK);
 }

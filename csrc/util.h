@@ -70,6 +70,9 @@ void cl_handle_register(lua_State *L, const char *tname, const luaL_Reg *methods
  * than luaL_testudata, which looks tname up in the registry by string. */
 void cl_set_mark(lua_State *L, const char *tname, const void *mark);
 int cl_has_mark(lua_State *L, int idx, const void *mark);
+/* The open handle at idx, whose metatable carries `mark`; else raises a type error
+ * naming `expected`, or an argument error for a closed handle. */
+cl_handle *cl_check_marked(lua_State *L, int idx, const void *mark, const char *expected);
 /* Starts closing; the close callback frees everything. Safe to call twice. */
 void cl_handle_close(cl_handle *h);
 int cl_handle_is_closing(cl_handle *h);

@@ -76,7 +76,7 @@ local Socket = Emitter.mixin({})
 Socket.__index = Socket
 M.Socket = Socket
 
-local start_reading, schedule_flush, closed, connection_gone
+local start_reading, begin_reading, schedule_flush, closed, connection_gone
 
 -- every socket's buffer of unread chunks until it needs one of its own (never written)
 local NO_CHUNKS = {}
@@ -161,7 +161,7 @@ local function socket_from_stream(stream, options, server, remoteAddress, remote
   -- costs more than the field's place in the constructor.
   local paused = options and options.pauseOnConnect and true or false
   local self = setmetatable({
-    _handle = stream, _reading = not paused, server = server,
+    _handle = stream, _reading = false, server = server,
     remoteAddress = remoteAddress, remotePort = remotePort, remoteFamily = remoteFamily,
     localAddress = localAddress, localPort = localPort, localFamily = localFamily,
     bytesRead = 0, bytesWritten = 0, _ending = false, destroyed = false, connecting = false,
@@ -171,14 +171,8 @@ local function socket_from_stream(stream, options, server, remoteAddress, remote
   }, Socket)
   if options and options.allowHalfOpen then self.allowHalfOpen = true end
   if not remoteAddress then set_addresses(self, server) end
-  if not paused then
-    -- a new connection: nothing that start_reading() checks can stop it yet
-    local ok, _, code = read_start(stream, Socket._read, self)
-    if not ok then
-      self._reading = false
-      self:destroy(uv_error(code, "read"))
-    end
-  end
+  -- a new connection: nothing else that start_reading() checks can stop it yet
+  if not paused then begin_reading(self) end
   return self
 end
 
@@ -192,14 +186,19 @@ function Socket.new(options)
   return new_socket(options)
 end
 
+-- Starts the handle reading into Socket._read (or destroys the socket if it can't).
+function begin_reading(self)
+  local ok, _, code = read_start(self._handle, Socket._read, self)
+  if not ok then return self:destroy(uv_error(code, "read")) end
+  self._reading = true
+end
+
 function start_reading(self)
   if self._reading or self._paused or self.destroyed or self._eof or self._readEnded
      or self.connecting or not self._handle then
     return
   end
-  local ok, _, code = read_start(self._handle, Socket._read, self)
-  if not ok then return self:destroy(uv_error(code, "read")) end
-  self._reading = true
+  begin_reading(self)
 end
 
 local function stop_reading(self)
@@ -879,8 +878,9 @@ end
 --- Wraps an accepted, connected stream as a Socket and emits `'connection'`. Internal
 -- (round-robin connections from the master use it too).
 -- @param stream a cluster.tcp or cluster.pipe userdata
--- @param ... optional remote address, port, family, local address, port, family (known
---   to the caller; else read from the stream)
+-- @param remoteAddress, remotePort, remoteFamily, localAddress, localPort, localFamily
+--   optional: the connection's addresses when the caller knows them (else read from
+--   the stream)
 -- @treturn Socket|nil the socket, or nil when the server is not listening (stream closed)
 function Server:_acceptStream(stream, remoteAddress, remotePort, remoteFamily, localAddress, localPort,
                               localFamily)

@@ -415,7 +415,7 @@ function M.installWorker(cluster)
       answer(channel, rr_id, seq, true)
       accept_stream(server, stream, remoteAddress, remotePort, remoteFamily, localAddress, localPort, localFamily)
     else
-      if channel then channel:answer(rr_id, seq, false) end
+      if channel then answer(channel, rr_id, seq, false) end
       stream:close()
     end
   end)
