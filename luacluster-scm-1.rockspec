@@ -19,7 +19,7 @@ build = {
   modules = {
     ["cluster.core"] = {
       sources = {
-        "csrc/channel.c", "csrc/codec.c", "csrc/core.c", "csrc/loop.c", "csrc/process.c",
+        "csrc/alloc.c", "csrc/channel.c", "csrc/codec.c", "csrc/core.c", "csrc/loop.c", "csrc/process.c",
         "csrc/signal.c", "csrc/stream.c", "csrc/sys.c", "csrc/timer.c", "csrc/tty.c",
         "csrc/udp.c", "csrc/util.c", "csrc/rr.c",
       },

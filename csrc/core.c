@@ -20,6 +20,7 @@ int luaopen_cluster_core(lua_State *L) {
    * process (Node does the same). */
   signal(SIGPIPE, SIG_IGN);
   lua_newtable(L);
+  cl_open_alloc(L);
   cl_open_loop(L);
   cl_open_timer(L);
   cl_open_codec(L);

@@ -115,6 +115,7 @@ const char *cl_signal_name(int signum);
 int cl_check_signal(lua_State *L, int idx, const char *fname);
 
 /* Per-concept openers: each adds its functions to the table at the top of the stack. */
+void cl_open_alloc(lua_State *L);
 void cl_open_loop(lua_State *L);
 void cl_open_timer(lua_State *L);
 void cl_open_codec(lua_State *L);
