@@ -588,6 +588,37 @@ describe("cluster.net", function()
         close_server(server)
       end)
 
+      it("are read at once, unless the server's recent connections had none: then 16 wait for the poll", function()
+        local loop = require "cluster.loop"
+        local order = {}
+        local server = net.createServer(function(sock)
+          local tag = #order + 1
+          order[tag] = {}
+          loop.defer(function() table.insert(order[tag], "next turn") end)
+          sock:on("data", function(d) table.insert(order[tag], d) end)
+        end)
+        server:listen(0, "127.0.0.1")
+        local port = server:address().port
+        local function served_by(payload)
+          blocked_client(port, payload)
+          local n = #order + 1
+          assert.is_true(run_until(function() return order[n] and #order[n] == 2 end))
+          return order[n]
+        end
+        assert.are.same({ "a", "next turn" }, served_by("a"))
+        -- two clients that stay silent: the reads they cost find nothing
+        local silent = {}
+        for i = 1, 2 do
+          local n = #order + 1
+          silent[i] = net.connect(port, "127.0.0.1")
+          assert.is_true(run_until(function() return order[n] and #order[n] == 1 end))
+        end
+        for i = 1, 16 do assert.are.same({ "next turn", "b" .. i }, served_by("b" .. i)) end
+        assert.are.same({ "c", "next turn" }, served_by("c"))
+        for _, c in ipairs(silent) do c:destroy() end
+        close_server(server)
+      end)
+
       it("wait while the 'connection' listener paused the socket", function()
         local paused
         local server, port, events = record(nil, function(sock) paused = sock sock:pause() end)

@@ -665,6 +665,7 @@ function M.createServer(options, onConnection)
     pauseOnConnect = options.pauseOnConnect and true or false,
     _handle = nil,
     _connectionCount = 0,
+    _earlyReads = 0,
   }, Server)
   if onConnection then self:on("connection", onConnection) end
   return self
@@ -875,6 +876,16 @@ function Server:_setListening(address)
   defer(function() if self.listening then self:emit("listening") end end)
 end
 
+-- A new connection's first bytes are often there already (nearly always for one the
+-- master accepted and handed over): reading them right after the 'connection'
+-- listeners ran, not after the next poll, spares a connection that is answered and
+-- closed at once its epoll registration and a wake-up. A worker that accepts for
+-- itself usually gets there before the request, though, and the read is a system call
+-- for nothing. So a server keeps a score, _earlyReads: up by one for a read that found
+-- bytes (to EARLY_READS_MAX), down by one for one that found none; when it would go
+-- below zero the server stops trying for EARLY_READS_SKIP connections, then tries again.
+local EARLY_READS_MAX, EARLY_READS_SKIP = 8, 16
+
 --- Wraps an accepted, connected stream as a Socket and emits `'connection'`. Internal
 -- (round-robin connections from the master use it too).
 -- @param stream a cluster.tcp or cluster.pipe userdata
@@ -892,15 +903,22 @@ function Server:_acceptStream(stream, remoteAddress, remotePort, remoteFamily, l
                                   localAddress, localPort, localFamily)
   self._connectionCount = self._connectionCount + 1
   emit_one(self, "connection", sock)
-  -- A new connection's first bytes are usually there already: take them now, after the
-  -- 'connection' listeners ran, rather than after the next poll (for a connection that
-  -- is answered and closed at once, that spares its epoll registration and a wake-up).
   if sock._reading then -- (not paused nor destroyed by the listeners: both stop reading)
-    local chunk, err = try_read(sock._handle)
-    if chunk then
-      Socket._read(sock, nil, chunk)
-    elseif chunk == nil then
-      Socket._read(sock, err, nil) -- the end of the stream (libuv's reading stopped), or an error
+    local score = self._earlyReads
+    if score < 0 then
+      self._earlyReads = score + 1
+    else
+      local chunk, err = try_read(sock._handle)
+      if chunk then
+        if score < EARLY_READS_MAX then self._earlyReads = score + 1 end
+        Socket._read(sock, nil, chunk)
+      elseif chunk == nil then
+        Socket._read(sock, err, nil) -- the end of the stream (libuv's reading stopped), or an error
+      elseif score == 0 then
+        self._earlyReads = -EARLY_READS_SKIP
+      else
+        self._earlyReads = score - 1
+      end
     end
   end
   return sock
