@@ -48,7 +48,9 @@ local function check(fname, name, fn)
   end
 end
 
-local function add(self, name, fn)
+--- Adds a listener. @treturn self
+function Emitter:on(name, fn)
+  if type(name) ~= "string" or type(fn) ~= "function" then check("on", name, fn) end
   local all = self._listeners
   if not all then
     -- room for four events from the start (the nil entries only size the table): a
@@ -69,12 +71,6 @@ local function add(self, name, fn)
   if hook then hook(self, name) end
   return self
 end
-
---- Adds a listener. @treturn self
-function Emitter:on(name, fn)
-  check("on", name, fn)
-  return add(self, name, fn)
-end
 Emitter.addListener = Emitter.on
 
 -- once() wrappers -> the listener they wrap, so that off(name, fn) finds them
@@ -89,7 +85,7 @@ function Emitter:once(name, fn)
     return fn(...)
   end
   wrapped[wrapper] = fn
-  return add(self, name, wrapper)
+  return Emitter.on(self, name, wrapper)
 end
 
 --- Removes a listener (or, with no function, all listeners of that event). @treturn self
