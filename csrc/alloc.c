@@ -4,7 +4,7 @@
  * A connection allocates the same objects every time (its socket's table and hash
  * part, closures, the userdata of its handle, strings), and the collector frees them
  * in batches, far more of one size than glibc's per-thread cache keeps (seven); the
- * rest go through malloc's slow paths (perf put malloc and free at about a sixth of a
+ * rest go through malloc's slow paths (perf put malloc and free at about a fifth of a
  * worker's user time serving short connections). Here a freed block of up to MAX_CACHED bytes goes on the
  * stack of its size, and the next allocation of that size takes it.
  *
