@@ -5,25 +5,44 @@
  * part, closures, the userdata of its handle, strings), and the collector frees them
  * in batches, far more of one size than glibc's per-thread cache keeps (seven); the
  * rest go through malloc's slow paths (perf put malloc and free at about a fifth of a
- * worker's user time serving short connections). Here a freed block of up to MAX_CACHED bytes goes on the
- * stack of its size, and the next allocation of that size takes it.
+ * worker's user time serving short connections). Here a freed block of up to
+ * MAX_CACHED bytes goes on the stack of its size, and the next allocation of that size
+ * takes it.
  *
  * Every block stays the previous allocator's block of exactly the size it was asked
  * for, so blocks may cross the layer in either direction: those allocated before it
  * was installed are cached when freed, cached ones are reallocated or freed by the
- * previous allocator with their own size. At most CACHE_BYTES are held. When the
- * state closes (its registry's finalizers run first), the cache is emptied and the
- * previous allocator put back, so everything the state still frees goes straight to
- * it and nothing is left behind. When the previous allocator runs out of memory, the
- * cache gives its blocks back and the allocation is tried again. LUACLUSTER_NO_BLOCK_CACHE (any value) leaves the
- * state's allocator alone. */
+ * previous allocator with their own size. (A C module that frees through
+ * lua_getallocf must pass a block's true size, as the Lua manual requires.)
+ *
+ * At most CACHE_BYTES are held, counted as malloc lays the blocks out, with their
+ * slots in the stacks. A cache that is full gives everything back and starts again, so
+ * sizes that stopped coming back do not hold it for good. It gives everything back
+ * too when the previous allocator runs out of memory (and the allocation is tried
+ * again), and when the state closes: its registry's finalizers run before its last
+ * frees, and the anchor's puts the previous allocator back, so nothing is left behind.
+ * If another allocator was installed over this one meanwhile, it may still call this
+ * one: then the cache stays, and is lost with the process.
+ *
+ * Under AddressSanitizer a cached block is poisoned until it is handed out again, so
+ * the C core reading a collected object is still caught. LUACLUSTER_NO_BLOCK_CACHE
+ * (any value) leaves the state's allocator alone. */
 #include "util.h"
 
 #include <stdlib.h>
 #include <string.h>
 
+#if defined(__SANITIZE_ADDRESS__)
+#include <sanitizer/asan_interface.h>
+#define HIDE(block, size) ASAN_POISON_MEMORY_REGION(block, size)
+#define SHOW(block, size) ASAN_UNPOISON_MEMORY_REGION(block, size)
+#else
+#define HIDE(block, size) ((void)(block), (void)(size))
+#define SHOW(block, size) ((void)(block), (void)(size))
+#endif
+
 #define MAX_CACHED 1024              /* largest block size kept for reuse */
-#define CACHE_BYTES (4u << 20)       /* most bytes held in all stacks together */
+#define CACHE_BYTES (4u << 20)       /* most memory held in all stacks together */
 #define FIRST_SLOTS 64               /* a stack's first capacity */
 
 /* The free blocks of one size, newest last. The blocks' addresses are kept here
@@ -38,26 +57,40 @@ typedef struct block_stack {
 typedef struct block_cache {
   lua_Alloc prev;                     /* the allocator under this one, and its ud */
   void *prev_ud;
-  size_t cached;                      /* bytes held */
+  size_t held;                        /* memory the kept blocks take (block_cost) */
   block_stack stacks[MAX_CACHED + 1]; /* by exact size */
 } block_cache;
 
 static const char CACHE_KEY[] = "cluster.block_cache";
 
-/* Gives every cached block back to the previous allocator. */
+/* The memory a kept block of `size` bytes takes: its malloc chunk (a header word, in
+ * 16-byte steps, 32 at least) and its slot in the stack. */
+static size_t block_cost(size_t size) {
+  size_t chunk = (size + sizeof(size_t) + 15) & ~(size_t)15;
+  return (chunk < 32 ? 32 : chunk) + sizeof(void *);
+}
+
+/* Gives every kept block, and the stacks' arrays, back to the previous allocator. */
 static void cache_release(block_cache *c) {
-  for (size_t size = 0; size <= MAX_CACHED; size++) {
+  for (size_t size = 1; size <= MAX_CACHED; size++) {
     block_stack *s = &c->stacks[size];
-    while (s->count > 0) c->prev(c->prev_ud, s->blocks[--s->count], size, 0);
+    while (s->count > 0) {
+      void *block = s->blocks[--s->count];
+      SHOW(block, size);
+      c->prev(c->prev_ud, block, size, 0);
+    }
+    if (s->blocks != NULL) c->prev(c->prev_ud, s->blocks, s->capacity * sizeof *s->blocks, 0);
+    s->blocks = NULL;
+    s->capacity = 0;
   }
-  c->cached = 0;
+  c->held = 0;
 }
 
 /* The previous allocator's (re)allocation; when it fails, again after the cache has
  * given its blocks back. */
 static void *prev_alloc(block_cache *c, void *ptr, size_t osize, size_t nsize) {
   void *block = c->prev(c->prev_ud, ptr, osize, nsize);
-  if (block == NULL && c->cached > 0) {
+  if (block == NULL && c->held > 0) {
     cache_release(c);
     block = c->prev(c->prev_ud, ptr, osize, nsize);
   }
@@ -66,7 +99,9 @@ static void *prev_alloc(block_cache *c, void *ptr, size_t osize, size_t nsize) {
 
 /* Keeps a freed block of `size` bytes; 0 when it cannot (then the caller frees it). */
 static int cache_keep(block_cache *c, void *block, size_t size) {
-  if (size > MAX_CACHED || c->cached + size > CACHE_BYTES) return 0;
+  if (size == 0 || size > MAX_CACHED) return 0;
+  size_t cost = block_cost(size);
+  if (c->held + cost > CACHE_BYTES) cache_release(c);
   block_stack *s = &c->stacks[size];
   if (s->count == s->capacity) {
     unsigned capacity = s->capacity ? s->capacity * 2 : FIRST_SLOTS;
@@ -77,7 +112,8 @@ static int cache_keep(block_cache *c, void *block, size_t size) {
     s->capacity = capacity;
   }
   s->blocks[s->count++] = block;
-  c->cached += size;
+  c->held += cost;
+  HIDE(block, size);
   return 1;
 }
 
@@ -91,8 +127,10 @@ static void *cache_alloc(void *ud, void *ptr, size_t osize, size_t nsize) {
     if (nsize <= MAX_CACHED) {
       block_stack *s = &c->stacks[nsize];
       if (s->count > 0) {
-        c->cached -= nsize;
-        return s->blocks[--s->count];
+        void *block = s->blocks[--s->count];
+        c->held -= block_cost(nsize);
+        SHOW(block, nsize);
+        return block;
       }
     }
     return prev_alloc(c, NULL, osize, nsize);
@@ -102,29 +140,25 @@ static void *cache_alloc(void *ud, void *ptr, size_t osize, size_t nsize) {
 }
 
 /* __gc of the registry's anchor, run as the state closes: from here on the state
- * frees through the previous allocator. */
+ * allocates and frees through the previous allocator. */
 static int cache_close(lua_State *L) {
   block_cache **slot = lua_touserdata(L, 1);
   block_cache *c = *slot;
   void *ud;
-  /* (if another allocator was installed over this one, it may still call it) */
   if (c == NULL || lua_getallocf(L, &ud) != cache_alloc || ud != c) return 0;
   *slot = NULL;
   lua_setallocf(L, c->prev, c->prev_ud);
   cache_release(c);
-  for (size_t size = 0; size <= MAX_CACHED; size++) {
-    block_stack *s = &c->stacks[size];
-    if (s->blocks != NULL) c->prev(c->prev_ud, s->blocks, s->capacity * sizeof *s->blocks, 0);
-  }
   c->prev(c->prev_ud, c, sizeof *c, 0);
   return 0;
 }
 
-/* core.block_cache_bytes(): the bytes the cache holds for reuse, or nil when the state
- * allocates without it (LUACLUSTER_NO_BLOCK_CACHE, or another allocator over it). */
+/* core.block_cache_bytes(): the memory the cache holds for reuse, or nil when the
+ * state allocates without it (LUACLUSTER_NO_BLOCK_CACHE, or another allocator over
+ * it). */
 static int l_block_cache_bytes(lua_State *L) {
   void *ud;
-  if (lua_getallocf(L, &ud) == cache_alloc) lua_pushinteger(L, (lua_Integer)((block_cache *)ud)->cached);
+  if (lua_getallocf(L, &ud) == cache_alloc) lua_pushinteger(L, (lua_Integer)((block_cache *)ud)->held);
   else lua_pushnil(L);
   return 1;
 }
