@@ -76,7 +76,7 @@ local Socket = Emitter.mixin({})
 Socket.__index = Socket
 M.Socket = Socket
 
-local start_reading, begin_reading, schedule_flush, closed, connection_gone
+local start_reading, begin_reading, schedule_flush, closed, connection_gone, connection_listener
 
 -- every socket's buffer of unread chunks until it needs one of its own (never written)
 local NO_CHUNKS = {}
@@ -748,7 +748,7 @@ end
 -- Creates, binds and listens a handle; returns it, or nil and an error object.
 local function listen_handle(self, opts, host)
   local h, ok, _, code
-  local on_connection = function(err) self:_onConnection(err) end
+  local on_connection = connection_listener(self)
   if opts.path then
     h = core.pipe_new()
     ok, _, code = h:bind(opts.path)
@@ -821,25 +821,31 @@ local function drop(self, stream, remoteAddress, remotePort, remoteFamily, local
   emit(self, "drop", data)
 end
 
--- listen callback: accepts the connection, which comes with its addresses when it is
--- TCP (the server's own address is its local end, unless it listens on every interface)
-function Server:_onConnection(err)
-  if err then return emit_error(self, err) end
-  local h = self._handle
-  if not h then return end
-  local ends = local_end(self) or UNKNOWN_END
-  local stream, remoteAddress, remotePort, remoteFamily, localAddress, localPort, localFamily =
-    stream_accept(h, ends.address, ends.port, ends.family)
-  if not stream then
-    local code = remotePort -- (nil, message, code)
-    if code == "EAGAIN" then return end
-    return emit_error(self, uv_error(code, "accept"))
+-- The listen callback of a server: accepts the connection, which comes with its
+-- addresses when it is TCP (the server's own address is its local end, unless it
+-- listens on every interface). One closure per server, the server its upvalue: no
+-- method call per connection.
+function connection_listener(self)
+  return function(err)
+    if err then return emit_error(self, err) end
+    local h = self._handle
+    if not h then return end
+    local ends = self._localEnd
+    if ends == nil then ends = local_end(self) end
+    ends = ends or UNKNOWN_END
+    local stream, remoteAddress, remotePort, remoteFamily, localAddress, localPort, localFamily =
+      stream_accept(h, ends.address, ends.port, ends.family)
+    if not stream then
+      local code = remotePort -- (nil, message, code)
+      if code == "EAGAIN" then return end
+      return emit_error(self, uv_error(code, "accept"))
+    end
+    if self.maxConnections ~= nil and self:_full() then
+      return drop(self, stream, remoteAddress, remotePort, remoteFamily, localAddress, localPort)
+    end
+    Server._acceptStream(self, stream, remoteAddress, remotePort, remoteFamily, localAddress, localPort,
+                         localFamily)
   end
-  if self.maxConnections ~= nil and self:_full() then
-    return drop(self, stream, remoteAddress, remotePort, remoteFamily, localAddress, localPort)
-  end
-  Server._acceptStream(self, stream, remoteAddress, remotePort, remoteFamily, localAddress, localPort,
-                       localFamily)
 end
 
 --- Takes over a bound (not yet listening) handle from the master and listens on it
@@ -851,8 +857,7 @@ function Server:_adoptHandle(stream)
     stream:close()
     return false
   end
-  local ok, _, code = stream:listen(self._backlog or DEFAULT_BACKLOG,
-    function(err) self:_onConnection(err) end)
+  local ok, _, code = stream:listen(self._backlog or DEFAULT_BACKLOG, connection_listener(self))
   if not ok then
     stream:close()
     local err = uv_error(code, "listen")
