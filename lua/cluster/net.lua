@@ -424,14 +424,18 @@ function Socket:destroySoon()
   return Socket.destroy(self)
 end
 
--- the end of destroy(), once the handle has closed
+-- the end of destroy(), once the handle has closed (once per connection: the events
+-- with nobody listening cost no call)
 function closed(self)
   local err = self._destroyError
-  if self._finishOnClose and not err then emit(self, "finish") end
+  local all = self._listeners
+  if self._finishOnClose and not err and all and all.finish then emit(self, "finish") end
   local server = self.server
   if server then connection_gone(server) end
   if err then emit_error(self, err) end
-  emit_one(self, "close", err and true or false)
+  all = self._listeners -- ('finish' listeners may have changed them)
+  local on_close = all and all.close
+  if on_close then on_close(err and true or false) end
 end
 
 --- Closes the connection at once, dropping unsent data. With `err`, `'error'(err)`
