@@ -18,7 +18,6 @@
 -- the same connection (the master writes on each and the worker's client reads both
 -- answers); the client closes; the worker accepted exactly one connection, disconnects
 -- and exits with code 0 and no signal.
-local cluster = require "cluster"
 local net = require "cluster.net"
 local H = require "helper"
 local S = require "fixtures.share_lib"
@@ -28,22 +27,16 @@ local WORKER = H.fixture("send_worker.lua")
 local WAIT = 20000
 
 local function fork(mode)
-  cluster.setupMaster { exec = WORKER }
-  local w = cluster.fork({ SEND_MODE = mode })
-  local exit
-  w:on("exit", H.expect(function(code, signal) exit = { code = code, signal = signal } end, 1, "worker 'exit'"))
-  local function wait_exit()
-    assert(H.wait_until(function() return exit ~= nil end, WAIT), "the worker did not exit")
-    return exit.code, exit.signal
-  end
-  return w, wait_exit
+  local w = S.fork_script(WORKER, 1, { SEND_MODE = mode })[1]
+  w:on("exit", H.expect(function() end, 1, "worker 'exit'"))
+  return w
 end
 
 local function is_socket(obj) return getmetatable(obj) == net.Socket end
 
 -- Node's test-cluster-send-deadlock with n client connections (Node: 2).
 local function send_deadlock(n)
-  local w, wait_exit = fork("deadlock")
+  local w = fork("deadlock")
   local accepted, replies, report, errs = {}, {}, nil, {}
   local server
   -- the master's half: the server, which sends each accepted socket to the worker
@@ -72,7 +65,7 @@ local function send_deadlock(n)
     w:send({ message = "listen", port = server:address().port, clients = n })
   end)
 
-  local code, signal = wait_exit()
+  local code, signal = S.wait_exit(w, WAIT)
   assert.equal(0, code)
   assert.is_nil(signal)
   assert.is_true(w.exitedAfterDisconnect)
@@ -118,7 +111,7 @@ describe("sharing, handles sent both ways", function()
   end)
 
   it("send-handle-twice (Node test-cluster-send-handle-twice): a worker sends the socket it accepted to the master twice; no crash, both copies work, the client closes; the worker exits 0, no signal", function()
-    local w, wait_exit = fork("twice")
+    local w = fork("twice")
     local got, report, errs = {}, nil, {}
     local first
     w:on("message", function(msg, handle)
@@ -143,7 +136,7 @@ describe("sharing, handles sent both ways", function()
       end
     end)
 
-    local code, signal = wait_exit()
+    local code, signal = S.wait_exit(w, WAIT)
     assert.equal(0, code)
     assert.is_nil(signal)
     assert.is_true(w.exitedAfterDisconnect)

@@ -827,16 +827,13 @@ end
 
 -- The listen callback of a server: accepts the connection, which comes with its
 -- addresses when it is TCP (the server's own address is its local end, unless it
--- listens on every interface). One closure per server, the server its upvalue: no
--- method call per connection.
+-- listens on every interface). One closure per server, the server its upvalue.
 function connection_listener(self)
   return function(err)
     if err then return emit_error(self, err) end
     local h = self._handle
     if not h then return end
-    local ends = self._localEnd
-    if ends == nil then ends = local_end(self) end
-    ends = ends or UNKNOWN_END
+    local ends = local_end(self) or UNKNOWN_END
     local stream, remoteAddress, remotePort, remoteFamily, localAddress, localPort, localFamily =
       stream_accept(h, ends.address, ends.port, ends.family)
     if not stream then
