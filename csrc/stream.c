@@ -476,14 +476,20 @@ static void on_write(uv_write_t *w, int status) {
   req_finish((stream_req *)w, status, "write", -1);
 }
 
-/* s:write(data[, cb(err)]) -> bytes still queued | nil, msg, code.
+/* s:write(data[, cb(err)]) -> bytes still queued | false | nil, msg, code.
  * Tries a direct write first and queues only the remainder. The callback, when
  * given, always runs later from the loop, after the data has been handed to the
- * kernel (a fully written chunk queues an empty write to keep that order). */
+ * kernel (a fully written chunk queues an empty write to keep that order). Data that
+ * is not a string (a number neither) gives false and writes nothing: net's socket
+ * writes without checking first, and raises its own error then. */
 static int s_write(lua_State *L) {
   cl_handle *h = check_stream(L, 1);
+  if (lua_type(L, 2) != LUA_TSTRING) {
+    lua_pushboolean(L, 0);
+    return 1;
+  }
   size_t len;
-  const char *data = luaL_checklstring(L, 2, &len);
+  const char *data = lua_tolstring(L, 2, &len);
   luaL_argcheck(L, len <= UINT32_MAX, 2, "data larger than 4 GiB");
   int has_cb = !lua_isnoneornil(L, 3);
   if (has_cb) luaL_checktype(L, 3, LUA_TFUNCTION);

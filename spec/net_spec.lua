@@ -843,6 +843,107 @@ describe("cluster.net", function()
       close_server(server)
     end)
 
+    describe("a calm connection's short paths", function()
+      -- (_calm is internal: these specs check that the short paths are taken where they
+      -- should be, and that every way off them behaves as the general paths do)
+
+      it("an accepted socket reads and writes on them; a bad write still raises socket:write's error", function()
+        local server, c, accepted = accept_one()
+        assert.is_true(accepted._calm)
+        local got = ""
+        accepted:on("data", function(d) got = got .. d end)
+        assert.is_true(accepted._calm) -- a 'data' listener on a reading socket changes nothing
+        assert.has_error(function() accepted:write(42) end,
+          "socket:write: bad argument #1 (data): expected a string, got number")
+        assert.has_error(function() accepted:write({}) end,
+          "socket:write: bad argument #1 (data): expected a string, got table")
+        assert.are.equal(0, accepted.bytesWritten)
+        local echoed = ""
+        c:on("data", function(d) echoed = echoed .. d end)
+        assert.is_true(accepted:write("pong"))
+        assert.are.equal(4, accepted.bytesWritten)
+        c:write("ping")
+        assert.is_true(run_until(function() return got == "ping" and echoed == "pong" end))
+        assert.are.equal(4, accepted.bytesRead)
+        assert.is_true(accepted._calm)
+        close_accepted(server, c, accepted)
+      end)
+
+      it("pause, buffered chunks and an idle timeout leave them; resume and setTimeout(0) come back", function()
+        local server, c, accepted = accept_one()
+        local got = ""
+        c:write("one")
+        assert.is_true(run_until(function() return accepted.bytesRead == 3 end))
+        assert.is_false(accepted._calm) -- a chunk with no 'data' listener waits in the buffer
+        accepted:on("data", function(d) got = got .. d end)
+        assert.is_true(run_until(function() return got == "one" end))
+        assert.is_true(accepted._calm)
+
+        accepted:pause()
+        assert.is_false(accepted._calm)
+        c:write("two")
+        run_for(50)
+        assert.are.equal("one", got)
+        accepted:resume()
+        assert.is_true(run_until(function() return got == "onetwo" end))
+        assert.is_true(accepted._calm)
+
+        local timeouts = 0
+        accepted:setTimeout(30, function() timeouts = timeouts + 1 end)
+        assert.is_false(accepted._calm)
+        c:write("three") -- read and written on the general paths, which count activity
+        assert.is_true(accepted:write("four"))
+        assert.is_true(run_until(function() return got == "onetwothree" end))
+        accepted:setTimeout(0)
+        assert.is_true(accepted._calm)
+        run_for(80)
+        assert.are.equal(0, timeouts)
+        assert.are.equal(11, accepted.bytesRead)
+        assert.are.equal(4, accepted.bytesWritten)
+        close_accepted(server, c, accepted)
+      end)
+
+      it("close() leaves them: a write after it fails as after any close()", function()
+        local server, c, accepted = accept_one()
+        local err
+        accepted:on("error", function(e) err = e end)
+        accepted:close()
+        assert.is_false(accepted._calm)
+        assert.is_false(accepted:write("late"))
+        assert.is_true(run_until(function() return err ~= nil end))
+        assert.are.equal("ERR_STREAM_WRITE_AFTER_END", err.code)
+        close_accepted(server, c, accepted)
+      end)
+
+      it("destroySoon(): the data, then 'finish' and 'close'(false) once, for listeners added after it too", function()
+        local events, sock = {}, nil
+        local server = net.createServer(function(s)
+          sock = s
+          s:on("close", function(had_error) events[#events + 1] = "close:" .. tostring(had_error) end)
+          assert.is_true(s._calm)
+          s:write("bye")
+          s:destroySoon()
+          assert.is_true(s.destroyed)
+          assert.is_false(s:write("more")) -- destroyed: nothing more goes out
+          s:destroySoon() -- a second call changes nothing
+          s:on("finish", function() events[#events + 1] = "finish" end)
+        end)
+        server:listen(0, "127.0.0.1")
+        local got, ended = "", false
+        local c = net.connect({ port = server:address().port, host = "127.0.0.1", allowHalfOpen = true })
+        c:on("data", function(d) got = got .. d end)
+        c:on("end", function() ended = true end)
+        assert.is_true(run_until(function() return ended and #events == 2 end))
+        run_for(20)
+        assert.are.equal("bye", got)
+        assert.are.same({ "finish", "close:false" }, events)
+        assert.are.equal(3, sock.bytesWritten)
+        assert.are.equal(0, connection_count(server))
+        c:destroy()
+        close_server(server)
+      end)
+    end)
+
     it("sets socket options (setNoDelay, setKeepAlive) without failing", function()
       local server, port = echo_server()
       local c = net.connect(port, "127.0.0.1")

@@ -76,7 +76,7 @@ local Socket = Emitter.mixin({})
 Socket.__index = Socket
 M.Socket = Socket
 
-local start_reading, begin_reading, schedule_flush, closed, connection_gone, connection_listener
+local start_reading, begin_reading, schedule_flush, closed, closed_soon, connection_listener, accept_stream
 
 -- every socket's buffer of unread chunks until it needs one of its own (never written)
 local NO_CHUNKS = {}
@@ -113,6 +113,33 @@ Socket._needDrain = false
 Socket._idleMs = false   -- setTimeout's milliseconds, while it is on
 Socket._idleTimer = false
 Socket._onNewListener = on_new_listener
+Socket._calm = false     -- see below
+
+-- A calm socket is in the state nearly every connection spends its life in: connected,
+-- reading, with its 'data' chunks going straight to the listeners and its writes
+-- straight to the handle. It is not paused, connecting, ending, ended or destroyed,
+-- holds no buffered chunks or writes waiting for the connection, and has no idle timer.
+-- While _calm is true, reading a chunk, writing, destroySoon() and adding a listener
+-- take short paths that test that one field instead of each of those states (the
+-- listener hook has nothing to do: the socket reads already and holds nothing).
+-- Whatever leaves that state unsettles the socket first; what may return to it asks
+-- is_calm(). _calm is a promise, never a requirement: a socket that is not calm takes
+-- the general paths, which handle every state.
+local function is_calm(self)
+  return self._reading and self._handle and not (self._paused or self.destroyed or self.connecting
+    or self._ending or self._eof or self._readEnded or self._writeEnded or self._buffer[1]
+    or self._pending or self._idleMs or self._idleTimer)
+end
+
+local function settle(self)
+  self._calm = true
+  self._onNewListener = false
+end
+
+local function unsettle(self)
+  self._calm = false
+  self._onNewListener = on_new_listener
+end
 
 local function new_socket(options)
   local self = setmetatable({}, Socket)
@@ -154,25 +181,23 @@ end
 -- kernel.
 local function socket_from_stream(stream, options, server, remoteAddress, remotePort, remoteFamily,
                                   localAddress, localPort, localFamily)
-  -- One constructor with the fields an accepted connection sets anyway, and those it
-  -- reads (for every chunk and write, by the emitter for every listener added, and once
-  -- on the way to 'close'): the table is sized once instead of growing key by key, and
-  -- a read finds its field here instead of missing and asking the class. A missed read
-  -- costs more than the field's place in the constructor.
-  local paused = options and options.pauseOnConnect and true or false
+  -- One constructor with the fields a connection's short paths read and write (a
+  -- field they miss costs a look in the class): the table is sized once, at 16 slots,
+  -- and holds only what the connection changes. The rest stay the class's defaults.
   local self = setmetatable({
-    _handle = stream, _reading = false, server = server,
+    _handle = stream, server = server,
     remoteAddress = remoteAddress, remotePort = remotePort, remoteFamily = remoteFamily,
     localAddress = localAddress, localPort = localPort, localFamily = localFamily,
-    bytesRead = 0, bytesWritten = 0, _ending = false, destroyed = false, connecting = false,
-    _paused = paused, _buffer = NO_CHUNKS, _idleMs = false, _onNewListener = on_new_listener,
-    _listeners = false, _destroySoon = false, _finishOnClose = false, _destroyError = false,
-    _idleTimer = false, _pending = false,
+    bytesRead = 0, bytesWritten = 0, _listeners = false, destroyed = false,
+    _reading = false, _calm = false, _onNewListener = on_new_listener,
   }, Socket)
-  if options and options.allowHalfOpen then self.allowHalfOpen = true end
+  if options then
+    if options.allowHalfOpen then self.allowHalfOpen = true end
+    if options.pauseOnConnect then self._paused = true end
+  end
   if not remoteAddress then set_addresses(self, server) end
-  -- a new connection: nothing else that start_reading() checks can stop it yet
-  if not paused then begin_reading(self) end
+  -- a new connection is calm once it reads: nothing else that is_calm() checks holds yet
+  if not self._paused then begin_reading(self, true) end
   return self
 end
 
@@ -186,11 +211,13 @@ function Socket.new(options)
   return new_socket(options)
 end
 
--- Starts the handle reading into Socket._read (or destroys the socket if it can't).
-function begin_reading(self)
+-- Starts the handle reading into Socket._read (or destroys the socket if it can't);
+-- `fresh`: a new connection, calm without asking.
+function begin_reading(self, fresh)
   local ok, _, code = read_start(self._handle, Socket._read, self)
   if not ok then return self:destroy(uv_error(code, "read")) end
   self._reading = true
+  if fresh or is_calm(self) then settle(self) end
 end
 
 function start_reading(self)
@@ -204,6 +231,7 @@ end
 local function stop_reading(self)
   if not self._reading then return end
   self._reading = false
+  if self._calm then unsettle(self) end
   if not self.destroyed then self._handle:read_stop() end
 end
 
@@ -237,21 +265,21 @@ function schedule_flush(self)
   defer(flush, self)
 end
 
--- read callback: chunk, or nil at the end of the stream
-function Socket:_read(err, chunk)
+-- The read callback's general path: every state.
+local function read_any(self, err, chunk)
   if self.destroyed then return end
   if err then return self:destroy(err) end
   if self._idleMs then idle.touch(self) end
   if chunk == nil then
     self._reading = false -- libuv stops reading at the end
+    if self._calm then unsettle(self) end
     self._eof = true
     if not self._buffer[1] then on_end(self) end
     return
   end
   self.bytesRead = self.bytesRead + #chunk
-  -- 'data' goes to its listeners (emit_one inlined: this runs for every chunk) unless
-  -- nobody listens, the socket is paused or older chunks wait: then the chunk is kept
-  -- and reading stops, backpressure to the peer
+  -- 'data' goes to its listeners unless nobody listens, the socket is paused or older
+  -- chunks wait: then the chunk is kept and reading stops, backpressure to the peer
   local buf = self._buffer
   local all = self._listeners
   local listener = all and all.data
@@ -265,6 +293,20 @@ function Socket:_read(err, chunk)
     buf[#buf + 1] = chunk
     stop_reading(self)
   end
+end
+
+-- read callback: chunk, or nil at the end of the stream (then err may be an error).
+-- A calm socket's chunk goes straight to its 'data' listeners, when it has any.
+function Socket:_read(err, chunk)
+  if chunk and self._calm then
+    local all = self._listeners
+    local listener = all and all.data
+    if listener then
+      self.bytesRead = self.bytesRead + #chunk
+      return listener(chunk)
+    end
+  end
+  return read_any(self, err, chunk)
 end
 
 --- Stops reading: no `'data'` until `resume()`. @treturn Socket self
@@ -308,9 +350,9 @@ function Socket:_drainMark(err)
   end
 end
 
-local function do_write(self, data, cb)
-  if self._idleMs then idle.touch(self) end
-  local queued, _, code = stream_write(self._handle, data, cb)
+-- After the handle's write of `data` (with callback `cb`): `queued` is what libuv
+-- still holds, or nil (and the error's `code`) when the write failed.
+local function wrote(self, data, cb, queued, code)
   if not queued then
     local err = uv_error(code, "write")
     if cb then defer(cb, err) end
@@ -325,12 +367,27 @@ local function do_write(self, data, cb)
   return true
 end
 
+local function do_write(self, data, cb)
+  if self._idleMs then idle.touch(self) end
+  local queued, _, code = stream_write(self._handle, data, cb)
+  return wrote(self, data, cb, queued, code)
+end
+
 --- Writes data. Returns false when the caller should wait for `'drain'` before
 -- writing more (the data is still queued and will be sent).
 -- @tparam string data
 -- @tparam[opt] function callback `callback(err)` once the data is handed to the kernel
 -- @treturn boolean
 function Socket:write(data, callback)
+  if self._calm and callback == nil then
+    -- the handle's write checks the type: false, and nothing written, unless a string
+    local queued, _, code = stream_write(self._handle, data)
+    if queued == 0 then
+      self.bytesWritten = self.bytesWritten + #data
+      return true
+    end
+    if queued ~= false then return wrote(self, data, nil, queued, code) end
+  end
   if type(data) ~= "string" then typeerror("socket:write", 1, "data", "a string", data) end
   if callback ~= nil and type(callback) ~= "function" then
     typeerror("socket:write", 2, "callback", "a function", callback)
@@ -392,6 +449,7 @@ function Socket:close(data, callback)
   if data ~= nil then self:write(data) end
   if callback then self:once("finish", callback) end
   self._ending = true
+  if self._calm then unsettle(self) end
   if self._handle and not self.connecting and not self.destroyed then do_shutdown(self) end -- the write may have failed
   return self
 end
@@ -404,8 +462,20 @@ Socket["end"] = Socket.close
 -- gracefully instead and is destroyed once its writing side is closed.
 -- @treturn Socket self
 function Socket:destroySoon()
+  if self._calm then
+    -- everything written is the kernel's already: close now ('finish' comes with 'close')
+    local h = self._handle
+    if write_queue_size(h) == 0 then
+      unsettle(self)
+      self.destroyed = true
+      self._reading = false
+      close_handle(h, closed_soon, self)
+      return self
+    end
+  end
   if self.destroyed or self._destroySoon then return self end
   self._destroySoon = true
+  if self._calm then unsettle(self) end
   if self._ending or self.connecting or not self._handle then
     -- ending already (close() was called), or not connected yet: end gracefully, and
     -- destroy once the writing side is closed (Node's order)
@@ -424,18 +494,31 @@ function Socket:destroySoon()
   return Socket.destroy(self)
 end
 
--- the end of destroy(), once the handle has closed (once per connection: the events
--- with nobody listening cost no call)
-function closed(self)
-  local err = self._destroyError
+-- The end of a socket, once its handle has closed (once per connection): 'finish' when
+-- it comes with 'close', the server's count, 'error' when destroyed with one, 'close'.
+-- The events with nobody listening cost no call.
+local function report_closed(self, err, finish)
   local all = self._listeners
-  if self._finishOnClose and not err and all and all.finish then emit(self, "finish") end
+  if finish and not err and all and all.finish then emit(self, "finish") end
   local server = self.server
-  if server then connection_gone(server) end
+  if server then
+    server._connectionCount = server._connectionCount - 1
+    if server._closing then server:_maybeClosed() end
+  end
   if err then emit_error(self, err) end
   all = self._listeners -- ('finish' listeners may have changed them)
   local on_close = all and all.close
   if on_close then on_close(err and true or false) end
+end
+
+-- destroy()'s close callback
+function closed(self)
+  return report_closed(self, self._destroyError, self._finishOnClose)
+end
+
+-- the close callback of destroySoon() on a calm socket: no error, and 'finish' too
+function closed_soon(self)
+  return report_closed(self, false, true)
 end
 
 --- Closes the connection at once, dropping unsent data. With `err`, `'error'(err)`
@@ -447,6 +530,7 @@ function Socket:destroy(err)
   self.destroyed = true
   if self.connecting then self.connecting = false end
   if self._reading then self._reading = false end
+  if self._calm then unsettle(self) end
   if err then self._destroyError = err end
   if self._idleTimer then idle.stop(self, true) end
   local pending = self._pending
@@ -603,12 +687,18 @@ function Socket:setTimeout(ms, callback)
   ms = math_tointeger(math.ceil(ms))
   self.timeout = ms
   if ms == 0 then
-    if self._idleTimer then idle.stop(self) end
+    if self._idleTimer then
+      idle.stop(self, true)
+      if is_calm(self) then settle(self) end
+    end
     if callback then self:off("timeout", callback) end
     return self
   end
   if callback then self:once("timeout", callback) end
-  if not self.destroyed then idle.start(self, ms) end
+  if not self.destroyed then
+    if self._calm then unsettle(self) end
+    idle.start(self, ms)
+  end
   return self
 end
 
@@ -844,8 +934,7 @@ function connection_listener(self)
     if self.maxConnections ~= nil and self:_full() then
       return drop(self, stream, remoteAddress, remotePort, remoteFamily, localAddress, localPort)
     end
-    Server._acceptStream(self, stream, remoteAddress, remotePort, remoteFamily, localAddress, localPort,
-                         localFamily)
+    accept_stream(self, stream, remoteAddress, remotePort, remoteFamily, localAddress, localPort, localFamily)
   end
 end
 
@@ -892,15 +981,15 @@ end
 -- below zero the server stops trying for EARLY_READS_SKIP connections, then tries again.
 local EARLY_READS_MAX, EARLY_READS_SKIP = 8, 16
 
---- Wraps an accepted, connected stream as a Socket and emits `'connection'`. Internal
--- (round-robin connections from the master use it too).
+--- Wraps an accepted, connected stream as a Socket and emits `'connection'`. Internal:
+-- `Server._acceptStream` (round-robin connections from the master come through it too).
 -- @param stream a cluster.tcp or cluster.pipe userdata
 -- @param remoteAddress, remotePort, remoteFamily, localAddress, localPort, localFamily
 --   optional: the connection's addresses when the caller knows them (else read from
 --   the stream)
 -- @treturn Socket|nil the socket, or nil when the server is not listening (stream closed)
-function Server:_acceptStream(stream, remoteAddress, remotePort, remoteFamily, localAddress, localPort,
-                              localFamily)
+function accept_stream(self, stream, remoteAddress, remotePort, remoteFamily, localAddress, localPort,
+                       localFamily)
   if not self.listening then
     stream:close()
     return nil
@@ -908,7 +997,9 @@ function Server:_acceptStream(stream, remoteAddress, remotePort, remoteFamily, l
   local sock = socket_from_stream(stream, self, self, remoteAddress, remotePort, remoteFamily,
                                   localAddress, localPort, localFamily)
   self._connectionCount = self._connectionCount + 1
-  emit_one(self, "connection", sock)
+  local all = self._listeners -- (emit_one inlined: once per connection)
+  local on_connection = all and all.connection
+  if on_connection then on_connection(sock) end
   if sock._reading then -- (not paused nor destroyed by the listeners: both stop reading)
     local score = self._earlyReads
     if score < 0 then
@@ -929,6 +1020,7 @@ function Server:_acceptStream(stream, remoteAddress, remotePort, remoteFamily, l
   end
   return sock
 end
+Server._acceptStream = accept_stream
 
 --- Emits `'error'(err)` (raising it when nobody listens). Internal, for the cluster layer.
 function Server:_emitError(err)
@@ -946,12 +1038,6 @@ function Server:_listenCancelled()
     return true
   end
   return false
-end
-
--- One of the server's connections has closed (each socket reports once: its 'close').
-function connection_gone(self)
-  self._connectionCount = self._connectionCount - 1
-  if self._closing then self:_maybeClosed() end
 end
 
 function Server:_maybeClosed()
