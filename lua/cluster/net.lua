@@ -191,13 +191,14 @@ local function socket_from_stream(stream, options, server, remoteAddress, remote
     bytesRead = 0, bytesWritten = 0, _listeners = false, destroyed = false,
     _reading = false, _calm = false, _onNewListener = on_new_listener,
   }, Socket)
+  local paused = false
   if options then
     if options.allowHalfOpen then self.allowHalfOpen = true end
-    if options.pauseOnConnect then self._paused = true end
+    paused = options.pauseOnConnect
   end
   if not remoteAddress then set_addresses(self, server) end
   -- a new connection is calm once it reads: nothing else that is_calm() checks holds yet
-  if not self._paused then begin_reading(self, true) end
+  if paused then self._paused = true else begin_reading(self, true) end
   return self
 end
 
@@ -466,7 +467,7 @@ function Socket:destroySoon()
     -- everything written is the kernel's already: close now ('finish' comes with 'close')
     local h = self._handle
     if write_queue_size(h) == 0 then
-      unsettle(self)
+      self._calm = false -- (its hook stays off: a listener added now has nothing to read)
       self.destroyed = true
       self._reading = false
       close_handle(h, closed_soon, self)
