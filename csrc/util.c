@@ -168,13 +168,6 @@ int cl_handle_fileno_method(lua_State *L) {
   return 1;
 }
 
-static int handle_gc(lua_State *L) {
-  /* Open handles are pinned, so a collected userdata is closed already, or the
-   * state is closing at exit, when the loop will not run again: nothing to do. */
-  (void)L;
-  return 0;
-}
-
 static int handle_tostring(lua_State *L) {
   cl_handle **box = lua_touserdata(L, 1);
   luaL_getmetafield(L, 1, "__name");
@@ -187,8 +180,11 @@ void cl_handle_register(lua_State *L, const char *tname, const luaL_Reg *methods
   lua_newtable(L);
   luaL_setfuncs(L, methods, 0);
   lua_setfield(L, -2, "__index");
-  lua_pushcfunction(L, handle_gc);
-  lua_setfield(L, -2, "__gc");
+  /* No __gc: open handles are pinned, so a collected userdata is closed already (or
+   * the state is closing at exit, when the loop will not run again), and there would
+   * be nothing to do. A finalizer would cost every connection's handle much more than
+   * nothing: the collector keeps such objects on a list of their own, calls each one's
+   * in a protected call, and frees them only a cycle later. */
   lua_pushcfunction(L, cl_handle_close_method);
   lua_setfield(L, -2, "__close");
   lua_pushcfunction(L, handle_tostring);

@@ -63,7 +63,8 @@ cl_handle *cl_handle_check(lua_State *L, int idx, const char *tname);
 /* Same without type check: any cluster handle type (for fd passing). NULL if not one. */
 cl_handle *cl_handle_test(lua_State *L, int idx);
 /* Registers metatable tname with methods (luaL_Reg, __index = methods) and the common
- * metamethods __gc, __close, __tostring; marks it as a cluster handle type. */
+ * metamethods __close and __tostring (no __gc: see util.c); marks it as a cluster
+ * handle type. */
 void cl_handle_register(lua_State *L, const char *tname, const luaL_Reg *methods);
 /* Marks: a light userdata key `mark` set to true in metatable tname (cl_set_mark);
  * cl_has_mark tells whether the value at idx has a metatable with that mark. Cheaper

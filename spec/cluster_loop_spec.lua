@@ -109,6 +109,25 @@ describe("cluster loop and timers", function()
     H.finish()
   end)
 
+  it("an open handle nobody references keeps working; once closed, one full collection frees it", function()
+    local weak = setmetatable({}, { __mode = "k" })
+    local fired, closed = 0, false
+    do
+      local t = core.timer()
+      weak[t] = true
+      t:start(1, 1, function() fired = fired + 1 end)
+    end
+    collectgarbage()
+    collectgarbage()
+    assert.is_not_nil(next(weak)) -- pinned while open
+    assert.is_true(H.wait_until(function() return fired >= 3 end))
+    next(weak):close(function() closed = true end)
+    assert.is_true(H.wait_until(function() return closed end))
+    collectgarbage()
+    -- (a handle with a finalizer would stay a key here until a second collection)
+    assert.is_nil(next(weak))
+  end)
+
   it("cluster.defer runs functions on a later turn, in order, with their arguments", function()
     local order = {}
     cluster.defer(function(x) order[#order + 1] = x end, 1)
