@@ -122,9 +122,10 @@ Socket._calm = false     -- see below
 -- While _calm is true, reading a chunk, writing, destroySoon() and adding a listener
 -- take short paths that test that one field instead of each of those states (the
 -- listener hook has nothing to do: the socket reads already and holds nothing).
--- Whatever leaves that state unsettles the socket first; what may return to it asks
--- is_calm(). _calm is a promise, never a requirement: a socket that is not calm takes
--- the general paths, which handle every state.
+-- Whatever leaves that state unsettles the socket first; reading again (after resume(),
+-- or once a client has connected) asks is_calm() whether it is back. _calm is a promise, never a requirement: a socket that
+-- is not calm takes the general paths, which handle every state (one that ever had an
+-- idle timer keeps it, and stays there).
 local function is_calm(self)
   return self._reading and self._handle and not (self._paused or self.destroyed or self.connecting
     or self._ending or self._eof or self._readEnded or self._writeEnded or self._buffer[1]
@@ -688,10 +689,8 @@ function Socket:setTimeout(ms, callback)
   ms = math_tointeger(math.ceil(ms))
   self.timeout = ms
   if ms == 0 then
-    if self._idleTimer then
-      idle.stop(self, true)
-      if is_calm(self) then settle(self) end
-    end
+    -- (the timer stays for the next setTimeout, and the socket on the general paths)
+    if self._idleTimer then idle.stop(self) end
     if callback then self:off("timeout", callback) end
     return self
   end
