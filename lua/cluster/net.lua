@@ -123,9 +123,9 @@ Socket._calm = false     -- see below
 -- take short paths that test that one field instead of each of those states (the
 -- listener hook has nothing to do: the socket reads already and holds nothing).
 -- Whatever leaves that state unsettles the socket first; reading again (after resume(),
--- or once a client has connected) asks is_calm() whether it is back. _calm is a promise, never a requirement: a socket that
--- is not calm takes the general paths, which handle every state (one that ever had an
--- idle timer keeps it, and stays there).
+-- or once a client has connected) asks is_calm() whether it is back. _calm is a
+-- promise, never a requirement: a socket that is not calm takes the general paths,
+-- which handle every state (one that ever had an idle timer keeps it, and stays there).
 local function is_calm(self)
   return self._reading and self._handle and not (self._paused or self.destroyed or self.connecting
     or self._ending or self._eof or self._readEnded or self._writeEnded or self._buffer[1]
