@@ -135,14 +135,4 @@ function Emitter:emit(name, ...)
   return true
 end
 
---- `emit` for an event with exactly one argument, without the cost of passing varargs
--- (a socket's 'data', 'connection', 'close': once or more per connection).
-function Emitter.emitOne(self, name, arg)
-  local all = self._listeners
-  local cur = all and all[name]
-  if not cur then return false end
-  cur(arg)
-  return true
-end
-
 return Emitter
