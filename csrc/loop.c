@@ -1,7 +1,50 @@
 /* The event loop, run in the caller's thread: run / poll / stop, and the clock. */
 #include "util.h"
 
+#include <signal.h>
+#include <string.h>
+
 static int stop_requested = 0;
+
+/* SIGINT while the loop waits. lua5.4 runs a script with a SIGINT handler of its own,
+ * which only marks the Lua state to stop at its next instruction; while the loop waits
+ * in C none runs, so Ctrl-C (or kill -INT) would do nothing until some callback ran and
+ * failed with "interrupted!". While a run that may wait is under way and nothing in this
+ * process watches SIGINT (cluster.on("SIGINT"), the REPL), the signal has its default
+ * action instead, as in Node: the process ends. The handler comes back after the run. */
+typedef struct {
+  int replaced;
+  struct sigaction previous;
+} sigint_guard;
+
+static void find_sigint_watcher(uv_handle_t *h, void *found) {
+  if (h->type == UV_SIGNAL && ((uv_signal_t *)h)->signum == SIGINT && uv_is_active(h))
+    *(int *)found = 1;
+}
+
+static int is_handler(const struct sigaction *sa) {
+  return (sa->sa_flags & SA_SIGINFO) || (sa->sa_handler != SIG_DFL && sa->sa_handler != SIG_IGN);
+}
+
+static void sigint_default_begin(sigint_guard *g) {
+  g->replaced = 0;
+  if (sigaction(SIGINT, NULL, &g->previous) != 0 || !is_handler(&g->previous)) return;
+  int watched = 0;
+  uv_walk(cl_loop(), find_sigint_watcher, &watched);
+  if (watched) return;
+  struct sigaction dfl;
+  memset(&dfl, 0, sizeof dfl);
+  dfl.sa_handler = SIG_DFL;
+  sigemptyset(&dfl.sa_mask);
+  g->replaced = sigaction(SIGINT, &dfl, NULL) == 0;
+}
+
+/* Puts the handler back unless something else took SIGINT meanwhile. */
+static void sigint_default_end(sigint_guard *g) {
+  struct sigaction now;
+  if (!g->replaced || sigaction(SIGINT, NULL, &now) != 0 || is_handler(&now)) return;
+  sigaction(SIGINT, &g->previous, NULL);
+}
 
 /* Re-raises an error kept by cl_call, with its traceback. */
 static void raise_pending(lua_State *L) {
@@ -12,10 +55,16 @@ static void raise_pending(lua_State *L) {
 static int l_run(lua_State *L) {
   stop_requested = 0;
   raise_pending(L);
+  sigint_guard guard;
+  sigint_default_begin(&guard);
   while (uv_run(cl_loop(), UV_RUN_DEFAULT) != 0) {
-    raise_pending(L);
+    if (cl_take_error(L)) {
+      sigint_default_end(&guard);
+      return lua_error(L);
+    }
     if (stop_requested) break;
   }
+  sigint_default_end(&guard);
   raise_pending(L);
   lua_pushboolean(L, stop_requested);
   stop_requested = 0;
@@ -38,7 +87,10 @@ static int l_run_once(lua_State *L) {
   raise_pending(L);
   uv_loop_t *loop = cl_loop();
   uv_update_time(loop);
+  sigint_guard guard;
+  sigint_default_begin(&guard);
   int alive = uv_run(loop, uv_backend_timeout(loop) == 0 ? UV_RUN_NOWAIT : UV_RUN_ONCE);
+  sigint_default_end(&guard);
   raise_pending(L);
   lua_pushboolean(L, alive);
   return 1;

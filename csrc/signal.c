@@ -25,6 +25,15 @@ static int l_signal(lua_State *L) {
   return 1;
 }
 
+/* core.signal_number(v) -> the signal's number for a name ("SIGTERM", "term") or a number
+ * core.signal() accepts, or nil: for the Lua layer's own argument checks. */
+static int l_signal_number(lua_State *L) {
+  int sig = cl_to_signal(L, 1);
+  if (sig < 0) lua_pushnil(L);
+  else lua_pushinteger(L, sig);
+  return 1;
+}
+
 void cl_open_signal(lua_State *L) {
   static const luaL_Reg methods[] = {
     {"close", cl_handle_close_method}, {"ref", cl_handle_ref_method},
@@ -32,4 +41,6 @@ void cl_open_signal(lua_State *L) {
   cl_handle_register(L, TNAME, methods);
   lua_pushcfunction(L, l_signal);
   lua_setfield(L, -2, "signal");
+  lua_pushcfunction(L, l_signal_number);
+  lua_setfield(L, -2, "signal_number");
 }

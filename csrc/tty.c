@@ -19,6 +19,10 @@ static struct {
   void (*add_history)(const char *);
   int (*set_prompt)(const char *);
   int (*forced_update_display)(void);
+  void (*replace_line)(const char *, int);   /* the rest: for Ctrl-C, where present */
+  int (*crlf)(void);
+  int (*on_new_line)(void);
+  void (*sigcleanup)(void);
 } rl;
 
 static int in_line_handler = 0; /* Lua is running the line just entered */
@@ -44,6 +48,10 @@ static int load_readline(void) {
   rl.add_history = (void (*)(const char *))dlsym(rl.lib, "add_history");
   rl.set_prompt = (int (*)(const char *))dlsym(rl.lib, "rl_set_prompt");
   rl.forced_update_display = (int (*)(void))dlsym(rl.lib, "rl_forced_update_display");
+  rl.replace_line = (void (*)(const char *, int))dlsym(rl.lib, "rl_replace_line");
+  rl.crlf = (int (*)(void))dlsym(rl.lib, "rl_crlf");
+  rl.on_new_line = (int (*)(void))dlsym(rl.lib, "rl_on_new_line");
+  rl.sigcleanup = (void (*)(void))dlsym(rl.lib, "rl_callback_sigcleanup");
   if (!rl.install || !rl.read_char || !rl.remove) {
     dlclose(rl.lib);
     memset(&rl, 0, sizeof rl);
@@ -179,6 +187,30 @@ static int l_readline_show(lua_State *L) {
   return 0;
 }
 
+/* core.readline_cancel(prompt): Ctrl-C at the prompt: the line being typed is dropped
+ * and a fresh prompt shows on a new line. */
+static int l_readline_cancel(lua_State *L) {
+  const char *prompt = luaL_checkstring(L, 1);
+  if (!active) return 0;
+  if (poll_open) {
+    if (rl.sigcleanup) rl.sigcleanup();
+    if (rl.replace_line) rl.replace_line("", 0);
+    if (rl.set_prompt) rl.set_prompt(prompt);
+    if (rl.crlf) rl.crlf(); else fputs("\n", stdout);
+    if (rl.on_new_line) rl.on_new_line();
+    fflush(stdout);
+    if (rl.forced_update_display) rl.forced_update_display();
+  } else {
+    /* (a terminal's driver drops the typed line itself; what a pipe sent is kept) */
+    free(plain_prompt);
+    plain_prompt = strdup(prompt);
+    fputs("\n", stdout);
+    if (pending_line.len == 0) fputs(prompt, stdout);
+    fflush(stdout);
+  }
+  return 0;
+}
+
 static int l_readline_stop(lua_State *L) {
   (void)L;
   stop_reading();
@@ -189,6 +221,6 @@ void cl_open_tty(lua_State *L) {
   static const luaL_Reg fns[] = {
     {"readline_start", l_readline_start}, {"readline_prompt", l_readline_prompt},
     {"readline_stop", l_readline_stop}, {"readline_hide", l_readline_hide},
-    {"readline_show", l_readline_show}, {NULL, NULL}};
+    {"readline_show", l_readline_show}, {"readline_cancel", l_readline_cancel}, {NULL, NULL}};
   luaL_setfuncs(L, fns, 0);
 }

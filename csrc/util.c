@@ -325,14 +325,18 @@ const char *cl_signal_name(int signum) {
   return NULL;
 }
 
-int cl_check_signal(lua_State *L, int idx, const char *fname) {
+int cl_to_signal(lua_State *L, int idx) {
   if (lua_isinteger(L, idx)) {
     lua_Integer n = lua_tointeger(L, idx);
-    if (n >= 0 && n < 65) return (int)n;
-  } else if (lua_type(L, idx) == LUA_TSTRING) {
-    int n = cl_signal_number(lua_tostring(L, idx));
-    if (n > 0) return n;
+    return n >= 0 && n < 65 ? (int)n : -1;
   }
+  if (lua_type(L, idx) == LUA_TSTRING) return cl_signal_number(lua_tostring(L, idx));
+  return -1;
+}
+
+int cl_check_signal(lua_State *L, int idx, const char *fname) {
+  int sig = cl_to_signal(L, idx);
+  if (sig >= 0) return sig;
   return luaL_error(L, "%s: bad argument #%d (signal): expected a signal name such as \"SIGTERM\" or a number, got %s",
                     fname, idx, lua_type(L, idx) == LUA_TSTRING ? lua_tostring(L, idx) : luaL_typename(L, idx));
 }

@@ -112,7 +112,9 @@ void cl_push_error_object(lua_State *L, int uverr, const char *syscall, const ch
 /* Signal names <-> numbers. Returns -1 / NULL when unknown. */
 int cl_signal_number(const char *name);
 const char *cl_signal_name(int signum);
-/* Accepts a name ("SIGTERM", "TERM") or a number at idx; raises naming fname/arg otherwise. */
+/* The signal named ("SIGTERM", "TERM") or numbered at idx, or -1. */
+int cl_to_signal(lua_State *L, int idx);
+/* The same, raising naming fname/arg when it is none. */
 int cl_check_signal(lua_State *L, int idx, const char *fname);
 
 /* Per-concept openers: each adds its functions to the table at the top of the stack. */

@@ -84,6 +84,35 @@ describe("cluster events", function()
     H.finish()
   end)
 
+  it("removeAllListeners() tells the emitter's remove hook of every event it empties, as off does", function()
+    local e = Emitter.new()
+    local removed = {}
+    e._onRemoveListener = function(_, name) removed[#removed + 1] = name end
+    e:on("x", print):on("x", print):on("y", print)
+    e:removeAllListeners()
+    table.sort(removed)
+    assert.same({ "x", "y" }, removed)
+    assert.equal(0, e:listenerCount("x") + e:listenerCount("y"))
+    e:removeAllListeners() -- nothing left: nothing to tell
+    assert.equal(2, #removed)
+    e:on("z", print) -- still an emitter
+    assert.equal(1, e:listenerCount("z"))
+    H.finish()
+  end)
+
+  it("signals as events: an unknown SIG name is a plain event (as Node); a signal that cannot be watched raises and keeps no listener", function()
+    local got
+    cluster.on("SIGNOTASIGNAL", function(v) got = v end)
+    cluster.emit("SIGNOTASIGNAL", 7)
+    assert.equal(7, got)
+    cluster.off("SIGNOTASIGNAL")
+    local ok, err = pcall(function() cluster.on("SIGKILL", print) end)
+    assert.is_false(ok)
+    assert.matches("^spec/cluster_emitter_spec.lua:%d+: cluster.on: bad argument #1 %(event name%): cannot watch SIGKILL", tostring(err))
+    assert.equal(0, cluster.listenerCount("SIGKILL"))
+    H.finish()
+  end)
+
   it("a worker's once('exit') listener runs once and the worker's off() works on real events", function()
     cluster.setupMaster { exec = H.fixture("worker.lua") }
     local w = cluster.fork()

@@ -103,6 +103,33 @@ describe("cluster worker exit", function()
     H.finish()
   end)
 
+  it("a worker that stops listening for messages, by off or either removeAllListeners, exits 0", function()
+    local exits = {}
+    for _, how in ipairs { "off", "removeAllListeners('message')", "removeAllListeners()" } do
+      local w = cluster.fork()
+      w:on("online", function() w:send({ cmd = "unlisten", how = how }) end)
+      w:on("exit", function(code, signal) exits[how] = tostring(code) .. "/" .. tostring(signal) end)
+    end
+    assert.is_true(H.wait_until(function() return exits["removeAllListeners()"] ~= nil end, 5000),
+      "the worker that called removeAllListeners() is still alive")
+    assert.is_true(H.wait_until(function() return next(cluster.workers) == nil end, 5000))
+    assert.same({ off = "0/nil", ["removeAllListeners('message')"] = "0/nil", ["removeAllListeners()"] = "0/nil" }, exits)
+    H.finish()
+  end)
+
+  it("worker:kill('SIGINT') ends a worker in its loop, with signal SIGINT (lua5.4's own Ctrl-C handler set aside)", function()
+    local w = cluster.fork()
+    local code, signal
+    -- its echo comes from inside cluster.run() (before it, lua5.4's handler applies)
+    w:on("online", function() w:send("ping") end)
+    w:on("message", function() w:kill("SIGINT") end)
+    w:on("exit", function(c, s) code, signal = c, s end)
+    assert.is_true(H.wait_until(function() return signal ~= nil or code ~= nil end, 3000), "the worker is still alive")
+    assert.is_nil(code)
+    assert.equal("SIGINT", signal)
+    H.finish()
+  end)
+
   it("reports a worker's own exit code with no signal", function()
     local r = {}
     for _, code in ipairs { 0, 1, 7, 255 } do

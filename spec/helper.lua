@@ -252,9 +252,11 @@ function H.shell_quote(s)
   return "'" .. tostring(s):gsub("'", "'\\''") .. "'"
 end
 
---- Starts `lua5.4 script args...` in the background with stdout and stderr in files.
+--- Starts `lua5.4 script args...` in the background with stdout and stderr in files
+-- and stdin from the file `stdin` (/dev/null by default; a FIFO's writer may open it
+-- once this returns: the master opens it after its pid is known).
 -- Returns {pid=, out=path, err=path, status=path}; status receives the exit code.
-function H.spawn_master(script, args, env)
+function H.spawn_master(script, args, env, stdin)
   local out, err, status, pidfile = H.tmpname("out"), H.tmpname("err"), H.tmpname("status"), H.tmpname("pid")
   for _, f in ipairs { out, err, status, pidfile } do os.remove(f) end
   local envs, cmdline = {}, { "lua5.4", H.shell_quote(script) }
@@ -263,8 +265,8 @@ function H.spawn_master(script, args, env)
   -- a subshell runs the master and then records its exit status; the inner sh writes
   -- its pid and execs the master, so that pid is the master's own
   os.execute(string.format(
-    "( %s sh -c 'echo $$ > %s; exec \"$0\" \"$@\"' %s > %s 2> %s; echo $? > %s ) < /dev/null > /dev/null 2>&1 &",
-    table.concat(envs, " "), pidfile, table.concat(cmdline, " "), out, err, status))
+    "( %s SPEC_STDIN=%s sh -c 'echo $$ > %s; exec \"$0\" \"$@\" < \"$SPEC_STDIN\"' %s > %s 2> %s; echo $? > %s ) < /dev/null > /dev/null 2>&1 &",
+    table.concat(envs, " "), H.shell_quote(stdin or "/dev/null"), pidfile, table.concat(cmdline, " "), out, err, status))
   local m = { out = out, err = err, status = status }
   for _, f in ipairs { out, err, status, pidfile } do tracked_files[#tracked_files + 1] = f end
   H.wait_until(function()

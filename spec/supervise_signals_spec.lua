@@ -24,6 +24,32 @@ describe("signals as events", function()
     H.finish()
   end)
 
+  it("SIGINT (Ctrl-C) ends a master idle in cluster.run() at once, as in Node, unless it listens for it", function()
+    for _, listening in ipairs { false, true } do
+      local m = H.spawn_master(H.fixture("idle_master.lua"), {}, { IDLE_SIGINT_LISTENER = listening and "1" or nil })
+      local worker
+      assert.is_true(H.wait_until(function()
+        worker = math.tointeger(tonumber(((H.read_file(m.out) or ""):match("WORKER (%d+)"))))
+        return worker ~= nil
+      end, 5000), H.read_file(m.err))
+      H.track(worker)
+      core.kill(m.pid, "SIGINT")
+      if listening then
+        assert.is_true(H.wait_until(function() return (H.read_file(m.out) or ""):find("GOT SIGINT\n", 1, true) ~= nil end, 3000))
+        H.run_for(100)
+        assert.is_true(H.alive(m.pid), "a master listening for SIGINT died of it")
+        core.kill(m.pid, "SIGTERM")
+      end
+      assert.is_true(H.wait_until(function() return H.master_status(m) ~= nil end, 3000), "the master is still running")
+      -- the shell's status of a process ended by a signal: 128 + its number
+      assert.equal(listening and 128 + 15 or 128 + 2, H.master_status(m), H.read_file(m.err))
+      assert.is_nil((H.read_file(m.err) or ""):find("interrupted", 1, true), H.read_file(m.err)) -- (lua5.4's)
+      assert.is_true(H.wait_until(function() return not H.alive(worker) end, 3000), "the worker outlived its master")
+      H.cleanup_master(m)
+    end
+    H.finish()
+  end)
+
   it("a listener overrides the supervisor's default: SIGTERM and SIGHUP handled by the script", function()
     local m = R.start_master(H, [[
       local cluster = ...

@@ -121,7 +121,7 @@ function M.install(cluster, id)
     end
     if handle ~= nil then return cluster._sendWithHandle(nil, message, handle, callback) end
     local ok, res = pcall(channel.send, channel, false, message, nil, callback)
-    if not ok then error(res, 3) end
+    if not ok then errors.raise(res) end
     return res
   end
 

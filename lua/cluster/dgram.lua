@@ -247,7 +247,7 @@ function Socket:close(callback)
 end
 
 local function check_bound(self, fname)
-  if self._state ~= "bound" then error(fname .. ": the socket is not bound", 3) end
+  if self._state ~= "bound" then errors.raise(fname .. ": the socket is not bound") end
   return self._handle
 end
 

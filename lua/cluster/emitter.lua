@@ -2,6 +2,8 @@
 -- Listeners run in the order they were added; adding or removing a listener
 -- while an event is being emitted affects only later emits.
 -- @module cluster.emitter
+local errors = require "cluster.errors"
+
 local Emitter = {}
 Emitter.__index = Emitter
 
@@ -41,10 +43,10 @@ local function is_list(cur) return getmetatable(cur) == List end
 
 local function check(fname, name, fn)
   if type(name) ~= "string" then
-    error(fname .. ": bad argument #1 (event name): expected a string, got " .. type(name), 3)
+    errors.raise(fname .. ": bad argument #1 (event name): expected a string, got " .. type(name))
   end
   if type(fn) ~= "function" then
-    error(fname .. ": bad argument #2 (listener): expected a function, got " .. type(fn), 3)
+    errors.raise(fname .. ": bad argument #2 (listener): expected a function, got " .. type(fn))
   end
 end
 
@@ -68,7 +70,7 @@ function Emitter:on(name, fn)
     end
   end
   local hook = self._onNewListener -- the object's own or its class's (a socket's)
-  if hook then hook(self, name) end
+  if hook then hook(self, name, fn) end
   return self
 end
 Emitter.addListener = Emitter.on
@@ -113,9 +115,18 @@ function Emitter:off(name, fn)
 end
 Emitter.removeListener = Emitter.off
 
+--- Removes every listener of `name`, or with no name every listener of every event
+-- (each event's removal is seen as off() shows it). @treturn self
 function Emitter:removeAllListeners(name)
-  if name == nil then self._listeners = nil return self end
-  return self:off(name)
+  if name ~= nil then return self:off(name) end
+  local all = self._listeners
+  if not all then return self end
+  self._listeners = false
+  local hook = self._onRemoveListener
+  if hook then
+    for event in pairs(all) do hook(self, event) end
+  end
+  return self
 end
 
 --- Number of listeners for an event.

@@ -35,14 +35,32 @@ function M.emit(emitter, err)
   emitter:emit("error", err)
 end
 
---- Raises "fname: bad argument #n (name): msg" at the caller of the API function.
-function M.argerror(fname, n, name, msg)
-  error(("%s: bad argument #%d (%s): %s"):format(fname, n, name, msg), 3)
+-- The folder of the library's modules as debug.getinfo names sources ("@.../cluster/"),
+-- or nil when this module was not loaded from a file.
+local LIBRARY = debug.getinfo(1, "S").source:match("^@.*[/\\]")
+
+--- Raises the message `msg` at the user's line: the first caller outside the library's
+-- modules, however deep inside them the misuse was found (a C caller, such as pcall,
+-- gives no position, as with Lua's own argument errors).
+function M.raise(msg)
+  if not LIBRARY then error(msg, 3) end
+  local level = 2 -- (1 is this function)
+  while true do
+    local info = debug.getinfo(level, "S")
+    if not info then error(msg, 0) end
+    if info.source:sub(1, #LIBRARY) ~= LIBRARY then error(msg, level) end
+    level = level + 1
+  end
 end
 
---- Raises "fname: bad argument #n (name): expected X, got T".
+--- Raises "fname: bad argument #n (name): msg" at the user's line.
+function M.argerror(fname, n, name, msg)
+  M.raise(("%s: bad argument #%d (%s): %s"):format(fname, n, name, msg))
+end
+
+--- Raises "fname: bad argument #n (name): expected X, got T" at the user's line.
 function M.typeerror(fname, n, name, expected, got)
-  error(("%s: bad argument #%d (%s): expected %s, got %s"):format(fname, n, name, expected, type(got)), 3)
+  M.raise(("%s: bad argument #%d (%s): expected %s, got %s"):format(fname, n, name, expected, type(got)))
 end
 
 --- Splits a trailing callback off variable arguments (Node's optional last callback).

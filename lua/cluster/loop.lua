@@ -1,13 +1,14 @@
 --- The event loop and timers, shared by both roles.
 -- @module cluster.loop
 local core = require "cluster.core"
+local errors = require "cluster.errors"
 
 local M = {}
 local type, select, error, unpack = type, select, error, table.unpack
 
 local function check_fn(fname, fn)
   if type(fn) ~= "function" then
-    error(fname .. ": bad argument #1 (callback): expected a function, got " .. type(fn), 3)
+    errors.raise(fname .. ": bad argument #1 (callback): expected a function, got " .. type(fn))
   end
 end
 
@@ -15,7 +16,7 @@ local function check_ms(fname, ms)
   if ms == nil then return 0 end
   -- the upper bound keeps the delay an integer libuv can add to its clock
   if type(ms) ~= "number" or ms ~= ms or ms < 0 or ms >= 2 ^ 53 then
-    error(fname .. ": bad argument #2 (delay): expected a number of milliseconds >= 0 and < 2^53, got " .. tostring(ms), 3)
+    errors.raise(fname .. ": bad argument #2 (delay): expected a number of milliseconds >= 0 and < 2^53, got " .. tostring(ms))
   end
   return math.tointeger(math.floor(ms))
 end

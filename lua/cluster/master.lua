@@ -63,20 +63,20 @@ end
 local function check_settings(fname, s)
   if s == nil then return {} end
   if type(s) ~= "table" then
-    error(fname .. ": bad argument #1 (settings): expected a table, got " .. type(s), 3)
+    errors.raise(fname .. ": bad argument #1 (settings): expected a table, got " .. type(s))
   end
   for k, v in pairs(s) do
     local want = SETTING_TYPES[k]
     if want then
       local got = want == "integer" and math.type(v) or type(v)
       if got ~= want then
-        error(string.format("%s: bad field '%s' in settings: expected %s, got %s", fname, k, want,
-          want == "integer" and (math.type(v) or type(v)) or type(v)), 3)
+        errors.raise(string.format("%s: bad field '%s' in settings: expected %s, got %s", fname, k, want,
+          want == "integer" and (math.type(v) or type(v)) or type(v)))
       end
       if want == "table" then
         for i, a in ipairs(v) do
           if type(a) ~= "string" and type(a) ~= "number" then
-            error(string.format("%s: bad field '%s' in settings: item %d is a %s, expected a string", fname, k, i, type(a)), 3)
+            errors.raise(string.format("%s: bad field '%s' in settings: item %d is a %s, expected a string", fname, k, i, type(a)))
           end
         end
       end
@@ -88,23 +88,23 @@ end
 local function check_env(env)
   if env == nil then return {} end
   if type(env) ~= "table" then
-    error("fork: bad argument #1 (env): expected a table, got " .. type(env), 3)
+    errors.raise("fork: bad argument #1 (env): expected a table, got " .. type(env))
   end
   local r = {}
   for k, v in pairs(env) do
     if type(k) ~= "string" then
-      error("fork: bad argument #1 (env): keys must be strings, got a " .. type(k), 3)
+      errors.raise("fork: bad argument #1 (env): keys must be strings, got a " .. type(k))
     end
     if k == "" or k:find("[=%z]") then
-      error(string.format("fork: bad argument #1 (env): %q is not a variable name (empty, or holds '=' or a zero byte)", k), 3)
+      errors.raise(string.format("fork: bad argument #1 (env): %q is not a variable name (empty, or holds '=' or a zero byte)", k))
     end
     local tv = type(v)
     if tv ~= "string" and tv ~= "number" and tv ~= "boolean" then
-      error("fork: bad argument #1 (env): env." .. k .. " is a " .. tv .. ", expected a string", 3)
+      errors.raise("fork: bad argument #1 (env): env." .. k .. " is a " .. tv .. ", expected a string")
     end
     v = tostring(v)
     if v:find("%z") then
-      error("fork: bad argument #1 (env): env." .. k .. " holds a zero byte", 3)
+      errors.raise("fork: bad argument #1 (env): env." .. k .. " holds a zero byte")
     end
     r[k] = v
   end
@@ -132,6 +132,17 @@ local function unreadable_script(path)
     code, path, why), { path = path, errno = errno and -errno })
 end
 
+-- nil when the directory `cwd` can be a worker's working directory, else an error object
+-- saying why not (a failed spawn's ENOENT or EACCES is then about it, not the interpreter)
+local function unusable_cwd(cwd)
+  local f, msg, errno = io.open(cwd .. "/.", "r")
+  if f then f:close() return nil end
+  local code = ERRNO_NAME[errno] or "EIO"
+  local why = tostring(msg):gsub("^.-: ", "")
+  return errors.new(code, "spawn", string.format("spawn %s %s (the working directory, settings.cwd: %s)",
+    code, cwd, why), { path = cwd, errno = errno and -errno })
+end
+
 --- Installs the master role into the cluster table.
 function M.install(cluster)
   cluster.isMaster, cluster.isPrimary, cluster.isWorker = true, true, false
@@ -143,19 +154,21 @@ function M.install(cluster)
   local policy = nil        -- frozen at the first fork/setupMaster
   local disconnect_waiters = {}
 
-  local function freeze_policy()
+  -- fname: the function the user called, named in the error when the policy is not one
+  local function freeze_policy(fname)
     if policy then return end
-    policy = cluster.schedulingPolicy
-    if policy ~= cluster.SCHED_RR and policy ~= cluster.SCHED_NONE then
-      error("setupMaster: cluster.schedulingPolicy must be cluster.SCHED_RR or cluster.SCHED_NONE", 3)
+    local wanted = cluster.schedulingPolicy
+    if wanted ~= cluster.SCHED_RR and wanted ~= cluster.SCHED_NONE then
+      errors.raise(("%s: cluster.schedulingPolicy must be cluster.SCHED_RR or cluster.SCHED_NONE, got %s")
+        :format(fname, type(wanted) == "string" and string.format("%q", wanted) or tostring(wanted)))
     end
+    policy = wanted
   end
-  cluster._policy = function() freeze_policy() return policy end
+  cluster._policy = function() freeze_policy("listen") return policy end
 
-  --- Changes the settings used by later forks; 'setup' fires on every call.
-  function cluster.setupMaster(s)
-    s = check_settings("setupMaster", s)
-    freeze_policy()
+  local function setup(fname, s)
+    s = check_settings(fname, s)
+    freeze_policy(fname)
     settings = settings or default_settings()
     for k, v in pairs(s) do
       settings[k] = type(v) == "table" and copy_array(v) or v
@@ -164,6 +177,9 @@ function M.install(cluster)
     cluster.settings = copy_settings(settings)
     loop.defer(cluster.emit, cluster, "setup", copy_settings(settings))
   end
+
+  --- Changes the settings used by later forks; 'setup' fires on every call.
+  function cluster.setupMaster(s) setup("setupMaster", s) end
   cluster.setupPrimary = cluster.setupMaster
 
   local function remove_worker(worker)
@@ -286,7 +302,7 @@ function M.install(cluster)
     end
     if handle ~= nil then return cluster._sendWithHandle(worker, message, handle, callback) end
     local ok, res = pcall(worker._channel.send, worker._channel, false, message, nil, callback)
-    if not ok then error(res, 3) end
+    if not ok then errors.raise(res) end
     return res
   end
 
@@ -365,7 +381,7 @@ function M.install(cluster)
   -- @treturn Worker already in cluster.workers; 'fork' fires later
   function cluster.fork(env)
     env = check_env(env)
-    cluster.setupMaster()
+    setup("fork")
     local s = settings
     if type(s.exec) ~= "string" then
       error("fork: no worker script: call cluster.setupMaster{exec = 'worker.lua'} first", 2)
@@ -410,7 +426,7 @@ function M.install(cluster)
     if not proc then
       worker._connected = false
       local why = tostring(channel_or_err):gsub("^spawn %u+: ", "")
-      spawn_failed(worker, errors.new(code, "spawn",
+      spawn_failed(worker, (s.cwd and unusable_cwd(s.cwd)) or errors.new(code, "spawn",
         string.format("spawn %s %s (%s)", code, s.execPath, why), { path = s.execPath }))
       return worker
     end

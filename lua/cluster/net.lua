@@ -624,7 +624,7 @@ end
 
 function Socket:_connect(opts, cb)
   if self._handle or self.destroyed then
-    error("socket:connect: the socket is already connected or connecting", 3)
+    errors.raise("socket:connect: the socket is already connected or connecting")
   end
   if cb then self:once("connect", cb) end
   self.connecting = true
@@ -773,13 +773,16 @@ local function normalize_listen(...)
   local opts
   if type(a1) == "table" then
     if n > 1 then argerror(fname, 2, "callback", "expected a function, got " .. type(args[2])) end
+    if a1.port == nil and a1.path == nil then -- (as Node: it would listen nowhere in particular)
+      argerror(fname, 1, "options", 'must have the field "port" or "path"')
+    end
     opts = { host = a1.host, port = a1.port, path = a1.path, backlog = a1.backlog,
              exclusive = a1.exclusive and true or false, ipv6Only = a1.ipv6Only and true or false }
     if opts.path ~= nil then
       if type(opts.path) ~= "string" then typeerror(fname, 1, "path", "a string", opts.path) end
       opts.host, opts.port = nil, nil
     else
-      opts.port = check_port(fname, 1, opts.port or 0)
+      opts.port = check_port(fname, 1, opts.port)
       if opts.host ~= nil and type(opts.host) ~= "string" then typeerror(fname, 1, "host", "a string", opts.host) end
     end
     if opts.backlog ~= nil and not to_port(opts.backlog) then

@@ -4,6 +4,7 @@
 -- (Ctrl-D) returns from repl().
 -- @module cluster.repl
 local core = require "cluster.core"
+local errors = require "cluster.errors"
 
 local M = {}
 
@@ -40,7 +41,7 @@ end
 function M.start(cluster, options)
   options = options or {}
   if type(options) ~= "table" then
-    error("repl: bad argument #1 (options): expected a table, got " .. type(options), 3)
+    errors.raise("repl: bad argument #1 (options): expected a table, got " .. type(options))
   end
   local prompt, prompt2 = options.prompt or "> ", options.prompt2 or ">> "
   local env = options.env or setmetatable({ cluster = cluster }, { __index = _G, __newindex = _G })
@@ -84,6 +85,14 @@ function M.start(cluster, options)
     core.readline_show()
   end
 
+  -- Ctrl-C drops the statement being typed (a continued one too) and shows a fresh
+  -- prompt; it does not end the process while the prompt is up
+  local interrupt = core.signal("SIGINT", function()
+    buffer = nil
+    core.readline_cancel(prompt)
+  end)
+  if interrupt then interrupt:unref() end
+
   core.readline_start(prompt, on_line)
   while not done do
     local ok, err = pcall(core.run)
@@ -94,6 +103,7 @@ function M.start(cluster, options)
     end
   end
   core.readline_stop()
+  if interrupt then interrupt:close() end
   print = plain_print
 end
 

@@ -57,7 +57,7 @@ end
 function M.sendWithHandle(channel, message, obj, callback)
   local raw, kind, udp_type = raw_handle(obj)
   if not raw then
-    error("worker:send: bad argument #2 (handle): expected a listening net server, a connected net socket or a bound dgram socket", 3)
+    errors.raise("worker:send: bad argument #2 (handle): expected a listening net server, a connected net socket or a bound dgram socket")
   end
   -- a socket is the receiver's now: the sender stops reading it at once (what arrives
   -- from here on is the receiver's to read), and its copy closes once every send of it
@@ -81,7 +81,7 @@ function M.sendWithHandle(channel, message, obj, callback)
     obj._sendsInFlight = obj._sendsInFlight - 1
     if obj._sendsInFlight == 0 and not was_paused and not obj.destroyed then obj:resume() end
   end
-  if not ok then error(res, 3) end
+  if not ok then errors.raise(res) end
   return res
 end
 

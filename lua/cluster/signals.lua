@@ -4,6 +4,7 @@
 -- the loop alive.
 -- @module cluster.signals
 local core = require "cluster.core"
+local errors = require "cluster.errors"
 
 local M = {}
 
@@ -21,26 +22,41 @@ function M.install(cluster)
     end
   end
 
+  -- Watches the signal while it has listeners or a default action; true, or nil and
+  -- the reason when it cannot be watched (SIGKILL, SIGSTOP).
   local function update(name)
     local wanted = has_listeners(name) or defaults[name] ~= nil
     if wanted and not watchers[name] then
       local w, msg = core.signal(name, dispatch)
-      if not w then error("cluster.on: cannot watch " .. name .. ": " .. tostring(msg), 4) end
+      if not w then return nil, msg end
       w:unref()
       watchers[name] = w
     elseif not wanted and watchers[name] then
       watchers[name]:close()
       watchers[name] = nil
     end
+    return true
+  end
+
+  -- An event named after a signal this system knows (as Node: "SIGFOO" is an event
+  -- like any other)
+  local function is_signal(name)
+    return type(name) == "string" and name:match("^SIG%u+%d*$") and core.signal_number(name) ~= nil
   end
 
   local previous_new, previous_remove = rawget(cluster, "_onNewListener"), rawget(cluster, "_onRemoveListener")
-  rawset(cluster, "_onNewListener", function(self, name)
-    if type(name) == "string" and name:match("^SIG%u+%d*$") then update(name) end
-    if previous_new then previous_new(self, name) end
+  rawset(cluster, "_onNewListener", function(self, name, fn)
+    if is_signal(name) then
+      local ok, msg = update(name)
+      if not ok then -- the listener could never run: not kept
+        self:off(name, fn)
+        errors.raise("cluster.on: bad argument #1 (event name): cannot watch " .. name .. ": " .. tostring(msg))
+      end
+    end
+    if previous_new then previous_new(self, name, fn) end
   end)
   rawset(cluster, "_onRemoveListener", function(self, name)
-    if type(name) == "string" and name:match("^SIG%u+%d*$") then update(name) end
+    if is_signal(name) then update(name) end
     if previous_remove then previous_remove(self, name) end
   end)
 

@@ -10,6 +10,7 @@
 local core = require "cluster.core"
 local loop = require "cluster.loop"
 local output = require "cluster.output"
+local errors = require "cluster.errors"
 
 local M = {}
 
@@ -65,7 +66,7 @@ local OPTIONAL = { workers = true, env = true, onCrashLoop = true, watchdog = tr
 
 local function check_options(o)
   local function bad(field, want, v)
-    error(string.format("supervise: bad option '%s': expected %s, got %s", field, want, tostring(v)), 4)
+    errors.raise(string.format("supervise: bad option '%s': expected %s, got %s", field, want, tostring(v)))
   end
   if o.workers ~= nil and (math.type(o.workers) ~= "integer" or o.workers < 0) then bad("workers", "an integer >= 0", o.workers) end
   if not (RESTART_KINDS[o.restart] or type(o.restart) == "function") then
@@ -97,7 +98,7 @@ end
 local function check_names(given)
   for k in pairs(given or {}) do
     if M.defaults[k] == nil and not OPTIONAL[k] then
-      error(string.format("supervise: unknown option '%s'", tostring(k)), 3)
+      errors.raise(string.format("supervise: unknown option '%s'", tostring(k)))
     end
   end
 end
@@ -532,8 +533,9 @@ function M.install(cluster)
   end
 
   --- Replaces every worker, new before old, gated on the new worker's readiness,
-  -- `concurrency` at a time. callback(err) at the end; err when a new worker failed
-  -- readiness (the reload stops and the old workers stay).
+  -- `concurrency` at a time. callback(err) at the end; err (code ERR_RELOAD_FAILED) when
+  -- a new worker failed readiness (the reload stops and the old workers stay), or
+  -- ERR_RELOAD_RUNNING at once when a reload is under way.
   function cluster.reload(opts, callback)
     if type(opts) == "function" then opts, callback = nil, opts end
     if opts ~= nil and type(opts) ~= "table" then
@@ -541,7 +543,9 @@ function M.install(cluster)
     end
     if not (sup and sup.running) then error("reload: no supervisor running: call cluster.supervise{...} first", 2) end
     if sup.reloading then
-      if callback then loop.defer(callback, "a reload is already running") end
+      if callback then
+        loop.defer(callback, errors.new("ERR_RELOAD_RUNNING", "reload", "reload: a reload is already running"))
+      end
       return false
     end
     set_held(false)
@@ -599,7 +603,11 @@ function M.install(cluster)
         -- release the ones that never started
         for i = index + 1, #old do old[i]._replaced = nil end
         cluster:emit("reloadFailed", info)
-        if callback then callback(info.reason) end
+        if callback then
+          callback(errors.new("ERR_RELOAD_FAILED", "reload",
+            string.format("reload: %s (%d of %d workers replaced; the others stay)", info.reason, replaced, total),
+            { replaced = replaced, workers = total }))
+        end
       else
         local info = { replaced = replaced, workers = total }
         cluster:emit("reloaded", info)

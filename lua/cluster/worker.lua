@@ -2,6 +2,7 @@
 -- that act (send, kill, disconnect) through an implementation table.
 -- @module cluster.worker
 local Emitter = require "cluster.emitter"
+local signal_number = require("cluster.core").signal_number
 
 local Worker = Emitter.mixin({})
 
@@ -37,8 +38,9 @@ end
 
 --- In the master, signals the process (default "SIGTERM"); in a worker, disconnects and exits 0.
 function Worker:kill(signal)
-  if signal ~= nil and type(signal) ~= "string" and math.type(signal) ~= "integer" then
-    error("worker:kill: bad argument #1 (signal): expected a signal name or number, got " .. type(signal), 2)
+  if signal ~= nil and not signal_number(signal) then
+    error(("worker:kill: bad argument #1 (signal): expected a signal name such as \"SIGTERM\" or a number, got %s")
+      :format(type(signal) == "string" and signal or type(signal)), 2)
   end
   return self._impl.kill(self, signal)
 end
