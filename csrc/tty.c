@@ -8,6 +8,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <termios.h>
 #include <unistd.h>
 
 typedef void (*rl_vcpfunc_t)(char *);
@@ -23,12 +24,16 @@ static struct {
   int (*crlf)(void);
   int (*on_new_line)(void);
   void (*sigcleanup)(void);
+  int (*bind_key)(int, int (*)(int, int));
+  void (**prep_term)(int);                   /* readline's rl_prep_term_function */
 } rl;
 
 static int in_line_handler = 0; /* Lua is running the line just entered */
+static int in_key_command = 0;  /* a typed Ctrl-C is being handled */
 
 static lua_State *reader_L;
 static int line_cb = LUA_NOREF;
+static int interrupt_cb = LUA_NOREF;
 static int active = 0;
 static uv_poll_t poll_handle;
 static int poll_open = 0;
@@ -52,6 +57,8 @@ static int load_readline(void) {
   rl.crlf = (int (*)(void))dlsym(rl.lib, "rl_crlf");
   rl.on_new_line = (int (*)(void))dlsym(rl.lib, "rl_on_new_line");
   rl.sigcleanup = (void (*)(void))dlsym(rl.lib, "rl_callback_sigcleanup");
+  rl.bind_key = (int (*)(int, int (*)(int, int)))dlsym(rl.lib, "rl_bind_key");
+  rl.prep_term = (void (**)(int))dlsym(rl.lib, "rl_prep_term_function");
   if (!rl.install || !rl.read_char || !rl.remove) {
     dlclose(rl.lib);
     memset(&rl, 0, sizeof rl);
@@ -70,6 +77,40 @@ static void deliver(const char *line, size_t len) {
 }
 
 static void stop_reading(void);
+
+/* Ctrl-C at the prompt. A terminal would send SIGINT to the whole foreground process
+ * group, the workers too; while the prompt is up the terminal's interrupt character is
+ * turned off instead (as Node's REPL reads keys raw), and the key reaches us: readline
+ * runs on_ctrl_c, plain reads find it in the line. Lua's interrupt callback decides. */
+static void interrupt(void) {
+  if (interrupt_cb == LUA_NOREF) return;
+  lua_rawgeti(reader_L, LUA_REGISTRYINDEX, interrupt_cb);
+  cl_call(reader_L, 0);
+}
+
+static int on_ctrl_c(int count, int key) {
+  (void)count; (void)key;
+  in_key_command = 1;
+  interrupt();
+  in_key_command = 0;
+  return 0;
+}
+
+static int tty_saved = 0;       /* saved_tty holds the terminal's settings to restore */
+static struct termios saved_tty;
+
+static void no_interrupt_char(void) {
+  struct termios t;
+  if (tcgetattr(0, &t) != 0) return;
+  t.c_cc[VINTR] = _POSIX_VDISABLE;
+  tcsetattr(0, TCSADRAIN, &t);
+}
+
+static void (*readline_prep)(int);
+static void prep_terminal(int meta) {
+  readline_prep(meta);
+  no_interrupt_char();
+}
 
 static void on_rl_line(char *line) {
   if (line == NULL) {
@@ -108,7 +149,13 @@ static void on_plain_read(uv_fs_t *req) {
       size_t len = pending_line.len;
       if (len > 0 && pending_line.data[len - 1] == '\r') len--;
       pending_line.len = 0;
-      deliver(pending_line.data ? pending_line.data : "", len);
+      if (tty_saved && len > 0 && memchr(pending_line.data, 3, len)) { /* Ctrl-C typed */
+        in_key_command = 1;
+        interrupt();
+        in_key_command = 0;
+      } else {
+        deliver(pending_line.data ? pending_line.data : "", len);
+      }
       if (!active) return;
     } else {
       cl_buf_append(&pending_line, &read_buf[i], 1);
@@ -126,7 +173,12 @@ static void start_plain_read(void) {
 static void stop_reading(void) {
   if (!active) return;
   active = 0;
+  if (tty_saved) {
+    tcsetattr(0, TCSADRAIN, &saved_tty);
+    tty_saved = 0;
+  }
   if (poll_open) {
+    if (rl.prep_term && readline_prep) *rl.prep_term = readline_prep;
     rl.remove();
     uv_poll_stop(&poll_handle);
     uv_close((uv_handle_t *)&poll_handle, NULL);
@@ -134,24 +186,40 @@ static void stop_reading(void) {
   }
 }
 
-/* core.readline_start(prompt, on_line(line|nil)) -> "readline" | "plain" */
+/* core.readline_start(prompt, on_line(line|nil)[, on_interrupt()]) -> "readline" | "plain" */
 static int l_readline_start(lua_State *L) {
   const char *prompt = luaL_checkstring(L, 1);
   luaL_checktype(L, 2, LUA_TFUNCTION);
+  if (!lua_isnoneornil(L, 3)) luaL_checktype(L, 3, LUA_TFUNCTION);
   if (active) return luaL_error(L, "repl: already reading input");
   reader_L = L;
   luaL_unref(L, LUA_REGISTRYINDEX, line_cb);
   lua_pushvalue(L, 2);
   line_cb = luaL_ref(L, LUA_REGISTRYINDEX);
+  luaL_unref(L, LUA_REGISTRYINDEX, interrupt_cb);
+  interrupt_cb = LUA_NOREF;
+  if (!lua_isnoneornil(L, 3)) {
+    lua_pushvalue(L, 3);
+    interrupt_cb = luaL_ref(L, LUA_REGISTRYINDEX);
+  }
   active = 1;
-  if (isatty(0) && load_readline() && getenv("LUACLUSTER_NO_READLINE") == NULL) {
+  int tty = isatty(0);
+  if (tty && interrupt_cb != LUA_NOREF && tcgetattr(0, &saved_tty) == 0) tty_saved = 1;
+  if (tty && load_readline() && getenv("LUACLUSTER_NO_READLINE") == NULL) {
     uv_poll_init(cl_loop(), &poll_handle, 0);
     poll_open = 1;
+    int keyed = tty_saved && rl.prep_term && *rl.prep_term && rl.bind_key;
+    if (keyed) {
+      readline_prep = *rl.prep_term;
+      *rl.prep_term = prep_terminal;
+    }
     rl.install(prompt, on_rl_line);
+    if (keyed) rl.bind_key(3, on_ctrl_c);
     uv_poll_start(&poll_handle, UV_READABLE, on_poll);
     lua_pushliteral(L, "readline");
     return 1;
   }
+  if (tty_saved) no_interrupt_char();
   free(plain_prompt);
   plain_prompt = strdup(prompt);
   start_plain_read();
@@ -193,9 +261,10 @@ static int l_readline_cancel(lua_State *L) {
   const char *prompt = luaL_checkstring(L, 1);
   if (!active) return 0;
   if (poll_open) {
-    if (rl.sigcleanup) rl.sigcleanup();
+    if (rl.sigcleanup && !in_key_command) rl.sigcleanup();
     if (rl.replace_line) rl.replace_line("", 0);
     if (rl.set_prompt) rl.set_prompt(prompt);
+    fputs("^C", stdout);
     if (rl.crlf) rl.crlf(); else fputs("\n", stdout);
     if (rl.on_new_line) rl.on_new_line();
     fflush(stdout);
@@ -204,9 +273,11 @@ static int l_readline_cancel(lua_State *L) {
     /* (a terminal's driver drops the typed line itself; what a pipe sent is kept) */
     free(plain_prompt);
     plain_prompt = strdup(prompt);
-    fputs("\n", stdout);
-    if (pending_line.len == 0) fputs(prompt, stdout);
-    fflush(stdout);
+    if (!in_key_command) { /* (a typed Ctrl-C ended its line: the next read shows the prompt) */
+      fputs("\n", stdout);
+      if (pending_line.len == 0) fputs(prompt, stdout);
+      fflush(stdout);
+    }
   }
   return 0;
 }

@@ -39,10 +39,11 @@ describe("cluster.repl", function()
     assert(shows("from worker\thi\n"))
     -- Ctrl-C in the middle of a statement: it is dropped, the process goes on
     type_line("y = (")
+    assert.is_true(H.wait_until(function() return out():sub(-3) == ">> " end, 5000), out())
     local before = #out()
-    H.wait_until(function() return out():find(">> ", before - 3, true) ~= nil end, 5000)
     core.kill(m.pid, "SIGINT")
-    assert.is_true(H.wait_until(function() return #out() > before end, 5000), "no fresh prompt after SIGINT")
+    assert.is_true(H.wait_until(function() return out():find("\n> ", before, true) ~= nil end, 5000),
+      "no fresh prompt after SIGINT")
     type_line("print('after interrupt', y)")
     assert(shows("after interrupt\tnil\n"))
     assert.is_true(H.alive(m.pid))
@@ -53,6 +54,50 @@ describe("cluster.repl", function()
     assert.equal(0, H.master_status(m), (H.read_file(m.err) or ""))
     os.remove(fifo)
     H.cleanup_master(m)
+    H.finish()
+  end)
+
+  it("on a terminal (readline), Ctrl-C is a key: the statement being typed is dropped and the workers get no SIGINT", function()
+    if not os.execute("command -v script > /dev/null") then
+      pending("needs script(1) (bsdutils) for a terminal")
+      return
+    end
+    local fifo, out_file, pid_file = H.tmpname("tty-in"), H.tmpname("tty-out"), H.tmpname("tty-pid")
+    assert(os.execute("mkfifo " .. H.shell_quote(fifo)))
+    local command = table.concat({ "lua5.4", H.shell_quote(H.fixture("repl_master.lua")),
+                                   H.shell_quote(H.fixture("worker.lua")) }, " ")
+    -- script(1) runs the master on a new terminal whose input is what we write to the FIFO
+    -- (tmpname's paths need no quoting inside the sh -c string)
+    os.execute(string.format("sh -c 'echo $$ > %s; exec script -qfc \"$0\" /dev/null' %s < %s > %s 2>&1 &",
+      pid_file, H.shell_quote(command), H.shell_quote(fifo), H.shell_quote(out_file)))
+    local keys = assert(io.open(fifo, "w"))
+    assert.is_true(H.wait_until(function() return H.track((H.read_file(pid_file) or ""):match("%d+")) ~= nil end, 5000))
+    os.remove(pid_file)
+    local function out() return (H.read_file(out_file) or ""):gsub("\27%[[%d;?]*%a", ""):gsub("\r", "") end
+    local function shows(text) return H.wait_until(function() return out():find(text, 1, true) ~= nil end, 5000) end
+    local function press(s) keys:write(s) keys:flush() end
+    local master, worker
+    assert.is_true(H.wait_until(function()
+      master = math.tointeger(tonumber(out():match("MASTER (%d+)")))
+      worker = math.tointeger(tonumber(out():match("WORKER ONLINE (%d+)")))
+      return master ~= nil and worker ~= nil
+    end, 5000), out())
+    H.track(master)
+    H.track(worker)
+    press("y = (\r")
+    assert.is_true(shows(">> "), out())
+    press("abc\3") -- Ctrl-C in the middle of a continued statement
+    assert.is_true(shows("abc^C\n> "), out())
+    press("print('after', y)\r")
+    assert.is_true(shows("after\tnil\n"), out())
+    assert.is_true(H.alive(worker), "the worker got Ctrl-C's SIGINT")
+    assert.is_true(H.alive(master))
+    press("\4") -- Ctrl-D: the REPL returns, the master ends
+    assert.is_true(shows("REPL DONE"), out())
+    assert.is_true(H.wait_until(function() return not H.alive(master) and not H.alive(worker) end, 5000))
+    keys:close()
+    os.remove(fifo)
+    os.remove(out_file)
     H.finish()
   end)
 end)

@@ -86,14 +86,17 @@ function M.start(cluster, options)
   end
 
   -- Ctrl-C drops the statement being typed (a continued one too) and shows a fresh
-  -- prompt; it does not end the process while the prompt is up
-  local interrupt = core.signal("SIGINT", function()
+  -- prompt. On a terminal it comes as a key (the terminal's interrupt character is off
+  -- while the prompt is up, so the workers get no SIGINT); a SIGINT sent to the master
+  -- does the same and does not end it while the prompt is up.
+  local function on_interrupt()
     buffer = nil
     core.readline_cancel(prompt)
-  end)
+  end
+  local interrupt = core.signal("SIGINT", on_interrupt)
   if interrupt then interrupt:unref() end
 
-  core.readline_start(prompt, on_line)
+  core.readline_start(prompt, on_line, on_interrupt)
   while not done do
     local ok, err = pcall(core.run)
     if not ok then
