@@ -247,6 +247,13 @@ function H.tmpname(tag)
   return string.format("/tmp/luacluster-spec-%d-%s-%d-%s", core.getpid(), run_stamp, tmp_counter, tag or "tmp")
 end
 
+--- A fresh temporary file name that teardown removes (whether the spec passed or not).
+function H.tmpfile(tag)
+  local path = H.tmpname(tag)
+  tracked_files[#tracked_files + 1] = path
+  return path
+end
+
 --- Quotes a string for sh.
 function H.shell_quote(s)
   return "'" .. tostring(s):gsub("'", "'\\''") .. "'"

@@ -40,7 +40,38 @@ describe("supervise: options", function()
     refuses({ output = "stdout" }, "output")
     refuses({ shutdownExitCode = "0" }, "shutdownExitCode")
     refuses({ restrat = "temporary" }, "unknown option 'restrat'")
+    -- nested and non-finite values are checked before anything starts too
+    refuses({ readyTimeout = 1 / 0 }, "readyTimeout")
+    refuses({ intensity = 0 / 0 }, "intensity")
+    refuses({ backoff = { max = 1 / 0 } }, "backoff.max")
+    refuses({ watchdog = { interval = "fast" } }, "watchdog.interval")
+    refuses({ watchdog = { timeout = -1 } }, "watchdog.timeout")
+    refuses({ watchdog = { action = "reboot" } }, "watchdog.action")
+    refuses({ recycle = { check = "x" } }, "recycle.check")
+    refuses({ recycle = { maxRss = "1G" } }, "recycle.maxRss")
+    refuses({ env = { A = {} } }, "env.A")
+    refuses({ env = { ["A=B"] = "x" } }, "env")
+    refuses({ reload = { concurrency = 0 } }, "reload.concurrency")
+    refuses({ reload = { concurrency = "2" } }, "reload.concurrency")
     assert.is_nil(next(cluster.workers))
+    -- and none of the refused calls left a supervisor behind
+    assert.is_nil(cluster.supervisor())
+    local o = cluster.supervise { workers = 0, signals = false, output = false }
+    assert.equal(o, cluster.supervisor())
+    H.finish()
+  end)
+
+  it("reload refuses a concurrency that could replace nothing, and a later reload still runs", function()
+    cluster.supervise { workers = 0, signals = false, output = false }
+    for _, bad in ipairs { 0, -1, 1.5, "2" } do
+      local ok, err = pcall(function() cluster.reload({ concurrency = bad }) end)
+      assert.is_false(ok)
+      assert.matches("^spec/supervise_options_spec.lua:%d+: reload: bad option 'concurrency'", tostring(err))
+    end
+    local done
+    assert.is_true(cluster.reload(function(err) done = err or true end))
+    assert.is_true(H.wait_until(function() return done ~= nil end, 2000))
+    assert.is_true(done)
     H.finish()
   end)
 

@@ -85,26 +85,29 @@ local function check_settings(fname, s)
   return s
 end
 
-local function check_env(env)
+-- The environment table fork(env) takes, as strings; `what` starts the error message
+-- (the function and the argument).
+local function check_env(env, what)
+  what = what or "fork: bad argument #1 (env)"
   if env == nil then return {} end
   if type(env) ~= "table" then
-    errors.raise("fork: bad argument #1 (env): expected a table, got " .. type(env))
+    errors.raise(what .. ": expected a table, got " .. type(env))
   end
   local r = {}
   for k, v in pairs(env) do
     if type(k) ~= "string" then
-      errors.raise("fork: bad argument #1 (env): keys must be strings, got a " .. type(k))
+      errors.raise(what .. ": keys must be strings, got a " .. type(k))
     end
     if k == "" or k:find("[=%z]") then
-      errors.raise(string.format("fork: bad argument #1 (env): %q is not a variable name (empty, or holds '=' or a zero byte)", k))
+      errors.raise(string.format("%s: %q is not a variable name (empty, or holds '=' or a zero byte)", what, k))
     end
     local tv = type(v)
     if tv ~= "string" and tv ~= "number" and tv ~= "boolean" then
-      errors.raise("fork: bad argument #1 (env): env." .. k .. " is a " .. tv .. ", expected a string")
+      errors.raise(what .. ": env." .. k .. " is a " .. tv .. ", expected a string")
     end
     v = tostring(v)
     if v:find("%z") then
-      errors.raise("fork: bad argument #1 (env): env." .. k .. " holds a zero byte")
+      errors.raise(what .. ": env." .. k .. " holds a zero byte")
     end
     r[k] = v
   end
@@ -145,6 +148,7 @@ end
 
 --- Installs the master role into the cluster table.
 function M.install(cluster)
+  cluster._checkEnv = check_env -- (for the supervisor's env option)
   cluster.isMaster, cluster.isPrimary, cluster.isWorker = true, true, false
   cluster.workers = {}
   cluster.settings = {}

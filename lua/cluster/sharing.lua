@@ -406,12 +406,21 @@ function M.installWorker(cluster)
   -- (called once per connection: plain functions and fixed arguments, no varargs)
   local accept_stream = require("cluster.net").Server._acceptStream
   local answer = cluster._channel.answer
+  -- whether a server with a maxConnections is full (a bad value refuses the connection
+  -- and raises)
+  local function full(server, channel, rr_id, seq, stream)
+    return server:_full(function()
+      answer(channel, rr_id, seq, false)
+      stream:close()
+    end)
+  end
   cluster._channel:on_connection(function(rr_id, seq, stream, remoteAddress, remotePort, remoteFamily,
                                           localAddress, localPort, localFamily)
     local server = rr_servers[rr_id]
     local channel = cluster._channel
     -- a server at its maxConnections refuses too: the master tries the other workers
-    if server and server.listening and channel and not (server.maxConnections ~= nil and server:_full()) then
+    if server and server.listening and channel
+        and not (server.maxConnections ~= nil and full(server, channel, rr_id, seq, stream)) then
       answer(channel, rr_id, seq, true)
       accept_stream(server, stream, remoteAddress, remotePort, remoteFamily, localAddress, localPort, localFamily)
     else

@@ -22,8 +22,8 @@ M.defaults = {
   env = nil,                -- environment for every worker (fork(env))
   restart = "permanent",    -- "permanent" | "transient" | "temporary" | function(worker, code, signal)
   backoff = { initial = 100, factor = 2, max = 10000, reset = 5000 }, -- ms
-  intensity = 5,            -- more than `intensity` restarts ...
-  period = 10,              -- ... within `period` seconds is a crash loop
+  intensity = 5,            -- at most `intensity` restarts ...
+  period = 10,              -- ... within `period` seconds; one more needed is a crash loop
   onCrashLoop = nil,        -- function(info) -> "retry", pause_ms | "hold" | "exit", code
   crashLoopPause = 30000,   -- ms, the default verdict's pause
   readiness = "listening",  -- "listening" | "explicit" (cluster.worker:ready())
@@ -64,30 +64,61 @@ local RESTART_KINDS = { permanent = true, transient = true, temporary = true }
 -- the options whose default is nil
 local OPTIONAL = { workers = true, env = true, onCrashLoop = true, watchdog = true, recycle = true }
 
-local function check_options(o)
-  local function bad(field, want, v)
-    errors.raise(string.format("supervise: bad option '%s': expected %s, got %s", field, want, tostring(v)))
-  end
+local function bad_option(fname, field, want, v)
+  errors.raise(string.format("%s: bad option '%s': expected %s, got %s", fname, field, want, tostring(v)))
+end
+
+-- a duration in ms (or a count) that timers take: finite, >= 0
+local function is_amount(v) return type(v) == "number" and v >= 0 and v < 2 ^ 53 end
+
+-- reload's concurrency (supervise's reload option, reload's own): a whole number >= 1
+local function check_concurrency(fname, field, v)
+  if v ~= nil and not (math.type(v) == "integer" and v >= 1) then bad_option(fname, field, "an integer >= 1", v) end
+end
+
+-- Every option, nested ones too, is checked before the supervisor starts: a bad one
+-- raises and leaves nothing running.
+local function check_options(o, check_env)
+  local function bad(field, want, v) bad_option("supervise", field, want, v) end
   if o.workers ~= nil and (math.type(o.workers) ~= "integer" or o.workers < 0) then bad("workers", "an integer >= 0", o.workers) end
   if not (RESTART_KINDS[o.restart] or type(o.restart) == "function") then
     bad("restart", '"permanent", "transient", "temporary" or a function', o.restart)
   end
   if o.readiness ~= "listening" and o.readiness ~= "explicit" then bad("readiness", '"listening" or "explicit"', o.readiness) end
   for _, f in ipairs { "intensity", "period", "readyTimeout", "grace", "killTimeout", "crashLoopPause" } do
-    if type(o[f]) ~= "number" or o[f] < 0 then bad(f, "a number >= 0", o[f]) end
+    if not is_amount(o[f]) then bad(f, "a finite number >= 0", o[f]) end
   end
   if o.onCrashLoop ~= nil and type(o.onCrashLoop) ~= "function" then bad("onCrashLoop", "a function", o.onCrashLoop) end
-  if o.env ~= nil and type(o.env) ~= "table" then bad("env", "a table", o.env) end
+  if o.env ~= nil then
+    if type(o.env) ~= "table" then bad("env", "a table", o.env) end
+    check_env(o.env, "supervise: bad option 'env'")
+  end
   if type(o.backoff) ~= "table" then bad("backoff", "a table", o.backoff) end
   for _, f in ipairs { "initial", "max", "reset" } do
-    local v = o.backoff[f]
-    if type(v) ~= "number" or v < 0 then bad("backoff." .. f, "a number >= 0", v) end
+    if not is_amount(o.backoff[f]) then bad("backoff." .. f, "a finite number >= 0", o.backoff[f]) end
   end
-  if type(o.backoff.factor) ~= "number" or o.backoff.factor < 1 then bad("backoff.factor", "a number >= 1", o.backoff.factor) end
-  for _, f in ipairs { "watchdog", "recycle" } do
-    if o[f] ~= nil and type(o[f]) ~= "table" then bad(f, "a table", o[f]) end
+  local factor = o.backoff.factor
+  if not (is_amount(factor) and factor >= 1) then bad("backoff.factor", "a finite number >= 1", factor) end
+  if o.watchdog ~= nil then
+    if type(o.watchdog) ~= "table" then bad("watchdog", "a table", o.watchdog) end
+    for _, f in ipairs { "interval", "timeout" } do
+      local v = o.watchdog[f]
+      if v ~= nil and not is_amount(v) then bad("watchdog." .. f, "a finite number >= 0", v) end
+    end
+    local action = o.watchdog.action
+    if action ~= nil and action ~= "restart" and type(action) ~= "function" then
+      bad("watchdog.action", '"restart" or a function', action)
+    end
+  end
+  if o.recycle ~= nil then
+    if type(o.recycle) ~= "table" then bad("recycle", "a table", o.recycle) end
+    for _, f in ipairs { "maxRss", "maxConnections", "maxAge", "check", "jitter", "jitterMs" } do
+      local v = o.recycle[f]
+      if v ~= nil and not is_amount(v) then bad("recycle." .. f, "a finite number >= 0", v) end
+    end
   end
   if type(o.reload) ~= "table" then bad("reload", "a table", o.reload) end
+  check_concurrency("supervise", "reload.concurrency", o.reload.concurrency)
   if o.output ~= true and o.output ~= false and type(o.output) ~= "function" then
     bad("output", "a boolean or a function", o.output)
   end
@@ -248,7 +279,9 @@ function M.install(cluster)
       if t - ts <= o.period * 1000 then recent[#recent + 1] = ts end
     end
     sup.restartTimes = recent
-    if #recent <= o.intensity then return nil end
+    -- as Erlang/OTP's MaxR/MaxT: at most `intensity` restarts within `period`; the
+    -- failure that would need one more is the crash loop
+    if #recent < o.intensity then return nil end
     local info = { restarts = #recent, period = o.period, intensity = o.intensity }
     local verdict, arg
     if o.onCrashLoop then
@@ -435,7 +468,7 @@ function M.install(cluster)
     if sup and sup.running then error("supervise: already supervising", 2) end
     check_names(options)
     local o = merge(M.defaults, options)
-    check_options(o)
+    check_options(o, cluster._checkEnv)
     o.workers = o.workers or cluster.cpus()
     sup = {
       opts = o, running = true, held = false, failures = 0, restartTimes = {},
@@ -541,6 +574,7 @@ function M.install(cluster)
     if opts ~= nil and type(opts) ~= "table" then
       error("reload: bad argument #1 (opts): expected a table, got " .. type(opts), 2)
     end
+    check_concurrency("reload", "concurrency", opts and opts.concurrency)
     if not (sup and sup.running) then error("reload: no supervisor running: call cluster.supervise{...} first", 2) end
     if sup.reloading then
       if callback then
