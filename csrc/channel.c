@@ -14,6 +14,7 @@
 #include "codec.h"
 #include "stream.h"
 
+#include <limits.h>
 #include <stdlib.h>
 #include <string.h>
 #include <poll.h>
@@ -34,8 +35,6 @@ struct cl_channel {
   size_t in_pos;          /* start of the first unparsed frame in `in` */
   cl_buf out;             /* frames not yet handed to libuv */
   int out_cbs;            /* registry ref of a table of send callbacks for `out`, or LUA_NOREF */
-  int handles_ref;        /* registry ref of a table queue of received handles */
-  int handles_head, handles_tail;
   cl_channel *next_pending; /* in the flush list while `out` has bytes */
   int in_flush_list;
   int closed_reported;
@@ -240,23 +239,31 @@ static uint32_t get_le32(const char *p) {
   return (uint32_t)u[0] | ((uint32_t)u[1] << 8) | ((uint32_t)u[2] << 16) | ((uint32_t)u[3] << 24);
 }
 
-/* Encodes value at idx as a frame appended to b; raises on a value that can't be sent. */
-static void encode_frame(lua_State *L, cl_buf *b, int idx, int flags, const char *fname) {
+/* Encodes value at idx as a frame appended to b. Returns 0, or -1 with the message for
+ * a value that can't be sent on the stack (b as it was): the caller raises it, after
+ * freeing what it must. */
+static int encode_frame(lua_State *L, cl_buf *b, int idx, int flags, const char *fname) {
   size_t start = b->len;
-  if (cl_buf_reserve(b, CL_FRAME_HEADER) != 0) luaL_error(L, "%s: out of memory", fname);
+  if (cl_buf_reserve(b, CL_FRAME_HEADER) != 0) {
+    lua_pushfstring(L, "%s: out of memory", fname);
+    return -1;
+  }
   b->len += CL_FRAME_HEADER;
   if (cl_codec_encode(L, idx, b, "message") != 0) {
     b->len = start;
-    luaL_error(L, "%s: %s", fname, lua_tostring(L, -1));
+    lua_pushfstring(L, "%s: %s", fname, lua_tostring(L, -1));
+    return -1;
   }
   size_t payload = b->len - start - CL_FRAME_HEADER;
   if (payload > CL_MAX_MESSAGE) {
     b->len = start;
-    luaL_error(L, "%s: message is %d bytes encoded, over the limit of %d bytes", fname,
-               (int)payload, (int)CL_MAX_MESSAGE);
+    lua_pushfstring(L, "%s: message is %d bytes encoded, over the limit of %d bytes", fname,
+                    (int)payload, (int)CL_MAX_MESSAGE);
+    return -1;
   }
   put_le32(b->data + start, (uint32_t)payload);
   b->data[start + 4] = (char)flags;
+  return 0;
 }
 
 static void add_cb(lua_State *L, int *slot, int idx) {
@@ -285,14 +292,17 @@ static int ch_send(lua_State *L) {
   }
   if (!lua_isnoneornil(L, 5)) luaL_checktype(L, 5, LUA_TFUNCTION);
   if (send == NULL) {
-    encode_frame(L, &ch->out, 3, flags, "worker:send");
+    if (encode_frame(L, &ch->out, 3, flags, "worker:send") != 0) return lua_error(L);
     if (!lua_isnoneornil(L, 5)) add_cb(L, &ch->out_cbs, 5);
     schedule_flush(ch);
     lua_pushboolean(L, 1);
     return 1;
   }
   cl_buf frame = {0};
-  encode_frame(L, &frame, 3, flags | CL_FRAME_HANDLE, "worker:send");
+  if (encode_frame(L, &frame, 3, flags | CL_FRAME_HANDLE, "worker:send") != 0) {
+    cl_buf_free(&frame);
+    return lua_error(L);
+  }
   flush(ch, 0);
   int cbs = LUA_NOREF;
   if (!lua_isnoneornil(L, 5)) { lua_pushvalue(L, 5); cbs = luaL_ref(L, LUA_REGISTRYINDEX); }
@@ -462,7 +472,9 @@ static int ch_answer(lua_State *L) {
  * For exit paths only; gives up when libuv already holds queued writes. */
 static int ch_flush_sync(lua_State *L) {
   cl_channel *ch = check_channel(L, 1);
-  int timeout = (int)luaL_optinteger(L, 2, 1000);
+  lua_Integer ms = luaL_optinteger(L, 2, 1000);
+  luaL_argcheck(L, ms >= 0 && ms <= INT_MAX, 2, "timeout out of range");
+  int timeout = (int)ms;
   if (uv_stream_get_write_queue_size(&ch->h.u.stream) != 0) { flush(ch, 0); lua_pushboolean(L, 0); return 1; }
   uv_os_fd_t fd;
   uv_fileno(&ch->h.u.handle, &fd);
@@ -532,23 +544,10 @@ static int accept_pending(cl_channel *ch, uv_handle_type type) {
   return 0;
 }
 
-/* Pushes the oldest queued handle (or nothing, returning 0). */
-static int pop_queued(cl_channel *ch) {
-  lua_State *L = ch->h.L;
-  if (ch->handles_head >= ch->handles_tail) return 0;
-  lua_rawgeti(L, LUA_REGISTRYINDEX, ch->handles_ref);
-  int i = ++ch->handles_head;
-  lua_rawgeti(L, -1, i);
-  lua_pushnil(L);
-  lua_rawseti(L, -3, i);
-  lua_remove(L, -2);
-  return 1;
-}
-
 /* Pushes the handle for the frame being parsed: descriptors are accepted in frame
  * order, when their frame is read, so a handed connection's kind comes from its frame. */
 static int pop_handle_typed(cl_channel *ch, uv_handle_type type) {
-  return pop_queued(ch) || accept_pending(ch, type);
+  return accept_pending(ch, type);
 }
 
 static int pop_handle(cl_channel *ch) { return pop_handle_typed(ch, UV_UNKNOWN_HANDLE); }
@@ -614,6 +613,19 @@ static int handle_conn_frame(cl_channel *ch, int flags, const char *p, uint32_t 
   return 1;
 }
 
+/* decode_message(p, len) -> true, value | false, "malformed message: ..."; run under
+ * lua_pcall, so that running out of memory while building a peer's message fails its
+ * channel instead of unwinding through libuv. */
+static int decode_message(lua_State *L) {
+  const char *p = lua_touserdata(L, 1);
+  size_t len = (size_t)lua_tointeger(L, 2);
+  lua_settop(L, 0);
+  int ok = cl_codec_decode(L, p, len) == 0; /* pushes the value, or the message */
+  lua_pushboolean(L, ok);
+  lua_insert(L, 1);
+  return 2;
+}
+
 static void parse_frames(cl_channel *ch) {
   lua_State *L = ch->h.L;
   while (!cl_handle_is_closing(&ch->h)) {
@@ -643,13 +655,22 @@ static void parse_frames(cl_channel *ch) {
     }
     if (!cl_push_cb(&ch->h, CB_MESSAGE)) continue;
     lua_pushboolean(L, flags & CL_FRAME_INTERNAL);
-    if (cl_codec_decode(L, p + CL_FRAME_HEADER, len) != 0) {
+    lua_pushcfunction(L, decode_message);
+    lua_pushlightuserdata(L, (void *)(p + CL_FRAME_HEADER));
+    lua_pushinteger(L, (lua_Integer)len);
+    if (lua_pcall(L, 2, 2, 0) != LUA_OK) {
+      lua_pop(L, 3);
+      fail_channel(ch, "ran out of memory for a received message");
+      return;
+    }
+    if (!lua_toboolean(L, -2)) {
       char msg[256];
       snprintf(msg, sizeof msg, "received a %s", lua_tostring(L, -1)); /* "malformed message: ..." */
-      lua_pop(L, 3);
+      lua_pop(L, 4);
       fail_channel(ch, msg);
       return;
     }
+    lua_remove(L, -2);
     if (flags & CL_FRAME_HANDLE) {
       if (!pop_handle(ch)) {
         lua_pop(L, 3);
@@ -663,6 +684,13 @@ static void parse_frames(cl_channel *ch) {
     /* `in` may have been reallocated by a nested read; p is not used after this. */
   }
   if (cl_handle_is_closing(&ch->h)) return;
+  /* A descriptor comes with the first bytes of its frame, so once the complete frames
+   * took theirs, only a frame still arriving may own one. More would pile up (and pair
+   * with the wrong frames): the peer breaks the protocol. */
+  if (uv_pipe_pending_count(&ch->h.u.pipe) > (ch->in.len > ch->in_pos ? 1 : 0)) {
+    fail_channel(ch, "received a descriptor that no message carries");
+    return;
+  }
   /* compact */
   if (ch->in_pos == ch->in.len) {
     ch->in.len = ch->in_pos = 0;
@@ -790,13 +818,7 @@ static void channel_free(cl_handle *h) {
   cl_buf_free(&ch->in);
   cl_buf_free(&ch->out);
   luaL_unref(L, LUA_REGISTRYINDEX, ch->out_cbs);
-  /* received handles nobody took are closed */
-  while (pop_queued(ch)) {
-    cl_handle *rh = cl_handle_test(L, -1);
-    if (rh && !cl_handle_is_closing(rh)) cl_handle_close(rh);
-    lua_pop(L, 1);
-  }
-  luaL_unref(L, LUA_REGISTRYINDEX, ch->handles_ref);
+  /* (descriptors received and not yet accepted are closed by libuv with the pipe) */
 }
 
 cl_channel *cl_channel_push_new(lua_State *L) {
@@ -804,8 +826,6 @@ cl_channel *cl_channel_push_new(lua_State *L) {
   uv_pipe_init(cl_loop(), &ch->h.u.pipe, 1);
   ch->h.on_free = channel_free;
   ch->out_cbs = LUA_NOREF;
-  lua_newtable(L);
-  ch->handles_ref = luaL_ref(L, LUA_REGISTRYINDEX);
   return ch;
 }
 

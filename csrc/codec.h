@@ -5,6 +5,9 @@
 
 /* Deepest nesting of tables accepted by both sides. */
 #define CL_CODEC_MAX_DEPTH 200
+/* Most tables in one value (and at most one per 4 bytes of its encoding, plus 4096):
+ * what a peer can make its receiver build stays near what it sends. */
+#define CL_CODEC_MAX_TABLES (1 << 20)
 
 /* Appends the encoding of the value at idx to b. Returns 0, or -1 leaving b->len
  * unspecified (the caller rolls back) and pushing an error string naming the path

@@ -5,6 +5,15 @@
 #include <string.h>
 
 static int stop_requested = 0;
+static int running = 0; /* inside uv_run: libuv's loop is not reentrant */
+
+/* Raises when called from a callback of the loop that is running (the message has no
+ * position: the one that matters is the caller's, further up). */
+static void check_not_running(lua_State *L, const char *fname) {
+  if (!running) return;
+  lua_pushfstring(L, "%s: the loop is running already (called from one of its callbacks)", fname);
+  lua_error(L);
+}
 
 /* SIGINT while the loop waits. lua5.4 runs a script with a SIGINT handler of its own,
  * which only marks the Lua state to stop at its next instruction; while the loop waits
@@ -53,17 +62,21 @@ static void raise_pending(lua_State *L) {
 
 /* core.run(): runs until nothing is left or stop() is called; returns true if stopped. */
 static int l_run(lua_State *L) {
+  check_not_running(L, "cluster.run");
   stop_requested = 0;
   raise_pending(L);
   sigint_guard guard;
   sigint_default_begin(&guard);
+  running = 1;
   while (uv_run(cl_loop(), UV_RUN_DEFAULT) != 0) {
     if (cl_take_error(L)) {
+      running = 0;
       sigint_default_end(&guard);
       return lua_error(L);
     }
     if (stop_requested) break;
   }
+  running = 0;
   sigint_default_end(&guard);
   raise_pending(L);
   lua_pushboolean(L, stop_requested);
@@ -73,8 +86,11 @@ static int l_run(lua_State *L) {
 
 /* core.poll(): runs what is ready without blocking; returns whether work remains. */
 static int l_poll(lua_State *L) {
+  check_not_running(L, "cluster.poll");
   raise_pending(L);
+  running = 1;
   int alive = uv_run(cl_loop(), UV_RUN_NOWAIT);
+  running = 0;
   raise_pending(L);
   lua_pushboolean(L, alive);
   return 1;
@@ -84,12 +100,15 @@ static int l_poll(lua_State *L) {
  * UV_RUN_ONCE runs due timers and then still blocks for I/O, so a 0 ms timer started
  * before the call, as loop.defer's is, would wait for the next unrelated event.) */
 static int l_run_once(lua_State *L) {
+  check_not_running(L, "core.run_once");
   raise_pending(L);
   uv_loop_t *loop = cl_loop();
   uv_update_time(loop);
   sigint_guard guard;
   sigint_default_begin(&guard);
+  running = 1;
   int alive = uv_run(loop, uv_backend_timeout(loop) == 0 ? UV_RUN_NOWAIT : UV_RUN_ONCE);
+  running = 0;
   sigint_default_end(&guard);
   raise_pending(L);
   lua_pushboolean(L, alive);

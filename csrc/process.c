@@ -2,6 +2,7 @@
  * uid/gid, stdio shared or piped, and the exit code or signal name on exit. */
 #include "channel.h"
 
+#include <limits.h>
 #include <stdlib.h>
 #include <string.h>
 
@@ -34,7 +35,7 @@ static char **string_array(lua_State *L, int idx, const char *name, const char *
   int t = lua_getfield(L, idx, name);
   if (t == LUA_TNIL) { lua_pop(L, 1); return NULL; }
   if (t != LUA_TTABLE) luaL_error(L, "spawn: bad option '%s': expected a table of strings", name);
-  lua_Integer n = luaL_len(L, -1);
+  lua_Integer n = (lua_Integer)lua_rawlen(L, -1); /* (not __len: the array's own length) */
   int extra = first ? 1 : 0;
   char **v = calloc((size_t)n + 1 + extra, sizeof *v);
   if (v == NULL) luaL_error(L, "spawn: out of memory");
@@ -211,7 +212,10 @@ static int p_kill(lua_State *L) {
 
 /* core.kill(pid, signal) -> true | nil, msg, code */
 static int l_kill(lua_State *L) {
-  int pid = (int)luaL_checkinteger(L, 1);
+  lua_Integer n = luaL_checkinteger(L, 1);
+  /* a pid, not a process group or every process (0, negative): and no wrap-around */
+  luaL_argcheck(L, n > 0 && n <= INT_MAX, 1, "expected a process id > 0");
+  int pid = (int)n;
   int sig = cl_check_signal(L, 2, "kill");
   int err = uv_kill(pid, sig);
   if (err) return cl_push_fail(L, err, "kill");

@@ -19,6 +19,7 @@
 #include "channel.h"
 #include "stream.h"
 
+#include <limits.h>
 #include <errno.h>
 #include <stdlib.h>
 #include <sys/socket.h>
@@ -672,12 +673,15 @@ static int l_rr_listen(lua_State *L) {
   int is_tcp = strcmp(kind, "tcp") == 0;
   luaL_argcheck(L, is_tcp || strcmp(kind, "pipe") == 0, 1, "expected \"tcp\" or \"pipe\"");
   const char *where = luaL_checkstring(L, 2);
-  int port = (int)luaL_optinteger(L, 3, 0);
-  int backlog = (int)luaL_optinteger(L, 4, 511);
+  lua_Integer port = luaL_optinteger(L, 3, 0);
+  luaL_argcheck(L, port >= 0 && port <= 65535, 3, "port out of range");
+  lua_Integer backlog = luaL_optinteger(L, 4, 511);
+  luaL_argcheck(L, backlog >= 0 && backlog <= INT_MAX, 4, "backlog out of range");
   int ipv6only = lua_toboolean(L, 5);
-  int window = (int)luaL_optinteger(L, 6, DEFAULT_WINDOW);
+  lua_Integer window = luaL_optinteger(L, 6, DEFAULT_WINDOW);
+  luaL_argcheck(L, window >= 1 && window <= INT_MAX, 6, "window out of range");
   const char *syscall;
-  int fd = open_listener(is_tcp, where, port, backlog, ipv6only, &syscall);
+  int fd = open_listener(is_tcp, where, (int)port, (int)backlog, ipv6only, &syscall);
   if (fd < 0) {
     lua_pushnil(L);
     lua_pushfstring(L, "%s %s: %s", syscall, uv_err_name(fd), uv_strerror(fd));
@@ -691,7 +695,7 @@ static int l_rr_listen(lua_State *L) {
   r->fd = fd;
   r->is_tcp = is_tcp;
   r->path = path;
-  r->window = window > 0 ? window : 1;
+  r->window = (int)window;
   if (is_tcp) {
     socklen_t bound_len = sizeof r->bound;
     if (getsockname(fd, &r->bound.sa, &bound_len) != 0) r->bound_wildcard = 1;

@@ -152,6 +152,13 @@ int cl_handle_close_method(lua_State *L) {
   return 0;
 }
 
+/* __close(h, err): a to-be-closed variable's handle, closed however its scope ends
+ * (the error, if any, is not a close callback). */
+static int handle_close_metamethod(lua_State *L) {
+  lua_settop(L, 1);
+  return cl_handle_close_method(L);
+}
+
 static cl_handle *check_any(lua_State *L) {
   cl_handle *h = cl_handle_test(L, 1);
   luaL_argcheck(L, h != NULL, 1, "expected an open cluster handle");
@@ -169,6 +176,7 @@ int cl_handle_fileno_method(lua_State *L) {
 }
 
 static int handle_tostring(lua_State *L) {
+  luaL_argcheck(L, lua_type(L, 1) == LUA_TUSERDATA && is_handle_type(L, 1), 1, "expected a cluster handle");
   cl_handle **box = lua_touserdata(L, 1);
   luaL_getmetafield(L, 1, "__name");
   lua_pushfstring(L, "%s: %p%s", lua_tostring(L, -1), (void *)*box, *box ? "" : " (closed)");
@@ -185,7 +193,7 @@ void cl_handle_register(lua_State *L, const char *tname, const luaL_Reg *methods
    * be nothing to do. A finalizer would cost every connection's handle much more than
    * nothing: the collector keeps such objects on a list of their own, calls each one's
    * in a protected call, and frees them only a cycle later. */
-  lua_pushcfunction(L, cl_handle_close_method);
+  lua_pushcfunction(L, handle_close_metamethod);
   lua_setfield(L, -2, "__close");
   lua_pushcfunction(L, handle_tostring);
   lua_setfield(L, -2, "__tostring");

@@ -267,6 +267,96 @@ describe("cluster errors", function()
     H.finish()
   end)
 
+  it("a worker cannot make the master build a flood of tables: a message of more tables than its size allows is refused", function()
+    -- 200,000 empty tables in a 200,005-byte message (an array, 0xcd, of 0xb0s)
+    cluster.setupMaster({ execPath = "/bin/sh", execArgv = { "-c",
+      "{ printf '\\105\\015\\003\\000\\000\\315\\300\\232\\014\\000'; " ..
+      "head -c 200000 /dev/zero | tr '\\000' '\\260'; } >&3; exec sleep 5", "sh" } })
+    local w = cluster.fork()
+    cluster.setupMaster({ execPath = require("cluster.core").exepath(), execArgv = {} })
+    local err
+    w:on("error", function(e) err = e end)
+    w:on("message", H.expect(nil, 0))
+    assert.is_true(H.wait_until(function() return err ~= nil end, 5000))
+    assert.equal("EPROTO", err.code)
+    has(tostring(err), "more tables than the size allows")
+    w:kill()
+    H.finish()
+  end)
+
+  -- the master's open descriptors
+  local function fd_count()
+    local p = io.popen("ls /proc/" .. require("cluster.core").getpid() .. "/fd")
+    local n = 0
+    for _ in p:lines() do n = n + 1 end
+    p:close()
+    return n
+  end
+
+  it("descriptors a worker sends with messages that take none are closed at once, not kept", function()
+    cluster.setupMaster({ exec = H.fixture("handle_abuser.lua") })
+    for _, how in ipairs { "unknown_act", "user_handle" } do
+      local before = fd_count()
+      local w = cluster.fork({ HANDLE_ABUSE = how })
+      local done, user_handles = false, 0
+      w:on("message", function(m, handle)
+        if handle ~= nil then user_handles = user_handles + 1 end
+        if m == "done" then done = true end
+      end)
+      assert.is_true(H.wait_until(function() return done end, 5000), how)
+      H.run_for(50)
+      -- the worker and its channel cost a few; 200 kept descriptors would show
+      assert.is_true(fd_count() - before < 20, how .. ": " .. (fd_count() - before) .. " more descriptors")
+      assert.equal(0, user_handles, how)
+      w:kill()
+      assert.is_true(H.wait_until(function() return w:isDead() end, 5000))
+    end
+    H.finish()
+  end)
+
+  it("a socket a worker sends that fails its first read does not end the master: closed, its error on that worker", function()
+    cluster.setupMaster({ exec = H.fixture("handle_abuser.lua") })
+    for _, listening in ipairs { false, true } do
+      local w = cluster.fork({ HANDLE_ABUSE = "bad_socket" })
+      local done, got, err = false, nil, nil
+      if listening then
+        w:on("message", function(m, handle) if m == "a socket" then got = handle end end)
+      end
+      -- (a listener for "done" only: the socket's message finds the one above, or none)
+      cluster.on("message", function(_, m) if m == "done" then done = true end end)
+      w:on("error", function(e) err = e end)
+      assert.is_true(H.wait_until(function() return done end, 5000))
+      if listening then
+        assert.is_true(H.wait_until(function() return err ~= nil end, 5000), "no error reported on the worker")
+        assert.truthy(got)
+        assert.is_true(got.destroyed)
+      end
+      H.run_for(50) -- and the loop goes on: the master did not raise
+      cluster.off("message")
+      w:kill()
+      assert.is_true(H.wait_until(function() return w:isDead() end, 5000))
+    end
+    H.finish()
+  end)
+
+  it("a descriptor sent with no message to carry it breaks the protocol: the worker's channel is dropped with an 'error'", function()
+    local binary = H.tmpfile("fd-without-frame")
+    assert(os.execute(string.format("cc -o %s %s", H.shell_quote(binary), H.shell_quote(H.fixture("fd_without_frame.c")))),
+      "cc could not build the fixture")
+    cluster.setupMaster({ execPath = binary, execArgv = {} })
+    local w = cluster.fork()
+    cluster.setupMaster({ execPath = require("cluster.core").exepath(), execArgv = {} })
+    local err, code
+    w:on("error", function(e) err = e end)
+    w:on("exit", function(c) code = c end)
+    -- (its message, complete, may still arrive; the descriptor that came with it is the fault)
+    assert.is_true(H.wait_until(function() return err ~= nil and code ~= nil end, 5000))
+    assert.equal("EPROTO", err.code)
+    has(tostring(err), "descriptor that no message carries")
+    assert.equal(0, code) -- it saw its channel close
+    H.finish()
+  end)
+
   it("a worker that dies in the middle of a message does not disturb the master", function()
     local good = cluster.fork()
     -- announces 100 bytes, sends 3, exits

@@ -128,6 +128,55 @@ describe("cluster loop and timers", function()
     assert.is_nil(next(weak))
   end)
 
+  it("run and poll called from inside a callback of the running loop raise (libuv's loop is not reentrant)", function()
+    local errs = {}
+    cluster.setTimeout(function()
+      for _, name in ipairs { "poll", "run" } do
+        local ok, err = pcall(cluster[name])
+        errs[name] = not ok and tostring(err) or "no error"
+      end
+    end, 0)
+    assert.is_true(H.wait_until(function() return errs.run ~= nil end, 2000))
+    has(errs.poll, "cluster.poll: the loop is running already")
+    has(errs.run, "cluster.run: the loop is running already")
+    -- and the loop still runs from outside
+    local fired = false
+    cluster.setTimeout(function() fired = true end, 0)
+    assert.is_true(H.wait_until(function() return fired end, 2000))
+    H.finish()
+  end)
+
+  it("the C core refuses what would wrap around: pids, ports, backlogs, windows, timeouts", function()
+    has(raised(core.kill, 0, 0), "process id")
+    has(raised(core.kill, -1, 0), "process id")
+    has(raised(core.kill, 2 ^ 32 + core.getpid(), 0), "process id")
+    has(raised(core.rr_listen, "tcp", "127.0.0.1", 65536 + 1), "port")
+    has(raised(core.rr_listen, "tcp", "127.0.0.1", -1), "port")
+    has(raised(core.rr_listen, "tcp", "127.0.0.1", 0, -5), "backlog")
+    has(raised(core.rr_listen, "tcp", "127.0.0.1", 0, 511, false, 0), "window")
+    -- an args table whose __len lies is read by its true length
+    local args = setmetatable({ "a" }, { __len = function() return -2 end })
+    local ok = pcall(core.spawn, { file = "/nonexistent", args = args, on_exit = function() end })
+    assert.is_true(ok) -- (spawn fails with ENOENT, as a result, not an error)
+    H.finish()
+  end)
+
+  it("a handle in a to-be-closed variable is closed when its scope ends by an error, and the error is kept", function()
+    local t
+    local ok, err = pcall(function()
+      local timer <close> = core.timer()
+      t = timer
+      error("the original error")
+    end)
+    assert.is_false(ok)
+    has(tostring(err), "the original error")
+    -- (closing finishes on the loop's next turn)
+    assert.is_true(H.wait_until(function() return tostring(t):find("(closed)", 1, true) ~= nil end, 1000), tostring(t))
+    -- __tostring of something else is an argument error, not a crash
+    has(raised(getmetatable(core.timer()).__tostring, "x"), "cluster handle")
+    H.finish()
+  end)
+
   it("cluster.defer runs functions on a later turn, in order, with their arguments", function()
     local order = {}
     cluster.defer(function(x) order[#order + 1] = x end, 1)

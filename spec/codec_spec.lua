@@ -160,6 +160,29 @@ describe("codec", function()
     small_strings = false
   end)
 
+  describe("tables per message", function()
+    local function many(n, make)
+      local t = {}
+      for i = 1, n do t[i] = make() end
+      return t
+    end
+
+    it("takes up to one table per 4 bytes of the encoding (and 4096): a list of records goes through", function()
+      roundtrip(many(10000, function() return { a = 1 } end))
+      roundtrip(many(4000, function() return {} end))
+    end)
+
+    it("refuses, on both sides, more tables than that: a peer cannot make its receiver build a flood of them", function()
+      local ok, err = pcall(encode, many(10000, function() return {} end))
+      assert.is_false(ok)
+      assert.matches("more than a receiver takes", err)
+      -- the same bytes built by hand: 10,000 empty tables in an array of 10,004 bytes
+      local v, msg = decode("\205\144\078\000" .. string.rep("\176", 10000))
+      assert.is_nil(v)
+      assert.matches("more tables than the size allows", msg)
+    end)
+  end)
+
   describe("scalars", function()
     it("round-trips nil, false and true", function()
       for _, v in ipairs({ false, true }) do assert.equal(v, roundtrip(v)) end

@@ -29,9 +29,15 @@ function M.fromUv(code, syscall, detail, fields)
   return e
 end
 
---- Emits 'error'(err) on an emitter, raising err when nobody listens (Node's rule).
+--- Emits 'error'(err) on an emitter, raising err when nobody listens (Node's rule),
+-- unless the emitter has an `_onUnheardError(emitter, err)` to take such errors (an
+-- object a worker sent: its errors are that worker's, not the master's to die of).
 function M.emit(emitter, err)
-  if emitter:listenerCount("error") == 0 then error(err, 0) end
+  if emitter:listenerCount("error") == 0 then
+    local unheard = emitter._onUnheardError
+    if unheard then return unheard(emitter, err) end
+    error(err, 0)
+  end
   emitter:emit("error", err)
 end
 

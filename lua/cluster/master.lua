@@ -216,6 +216,7 @@ function M.install(cluster)
       io.stderr:write(string.format("cluster: worker %d: %s\n", worker.id, tostring(err)))
     end
   end
+  cluster._reportError = report_error
 
   local on_disconnect
 
@@ -286,12 +287,16 @@ function M.install(cluster)
     worker.exitedAfterDisconnect = true
   end
 
+  local takes_handle = require("cluster.sharing").ACTS_WITH_HANDLE
   local function on_message(worker, is_internal, msg, handle)
     if is_internal then
       local fn = type(msg) == "table" and internal[msg.act]
+      if handle and not (fn and takes_handle[msg.act]) then handle:close() handle = nil end
       if fn then fn(worker, msg, handle) end
       return
     end
+    -- (an object a user sends comes as an internal "handle" message)
+    if handle then handle:close() handle = nil end
     worker:emit("message", msg, handle)
     cluster:emit("message", worker, msg, handle)
   end

@@ -94,6 +94,10 @@ local HANDLE_TYPES = {   -- kind -> the raw handle types it can be made of
 --- Turns a received raw handle into the object the sender had, or nil (the handle
 -- closed) when the message's kind does not fit the descriptor that came with it: what
 -- a peer sends must not be able to raise here.
+-- The internal messages (by act) that take the descriptor they bring; any other
+-- message's descriptor is closed as it arrives.
+M.ACTS_WITH_HANDLE = { handle = true, queryReply = true }
+
 function M.wrapHandle(kind, raw, udp_type)
   local mt = getmetatable(raw)
   local fits = type(kind) == "string" and HANDLE_TYPES[kind]
@@ -324,8 +328,21 @@ function M.installMaster(cluster)
     if entry then leave(entry, worker, false) end
   end
 
+  -- An object a worker sent. Nobody listening: nobody could take it, so it is closed.
+  -- Its errors nobody listens for are the worker's: the object is closed and the error
+  -- reported on that worker, instead of ending the master.
   function internal.handle(worker, msg, raw)
+    if worker:listenerCount("message") + cluster:listenerCount("message") == 0 then
+      if raw then raw:close() end
+      return
+    end
     local obj = raw and M.wrapHandle(msg.kind, raw, msg.udpType)
+    if obj then
+      obj._onUnheardError = function(o, err)
+        if o.destroy then o:destroy() else pcall(o.close, o) end
+        cluster._reportError(worker, err)
+      end
+    end
     worker:emit("message", msg.msg, obj)
     cluster:emit("message", worker, msg.msg, obj)
   end
@@ -367,6 +384,10 @@ function M.installWorker(cluster)
   end
 
   function internal.handle(msg, raw)
+    if cluster.worker:listenerCount("message") == 0 then -- (nobody could take it)
+      if raw then raw:close() end
+      return
+    end
     local obj = raw and M.wrapHandle(msg.kind, raw, msg.udpType)
     cluster.worker:emit("message", msg.msg, obj)
   end
