@@ -723,7 +723,8 @@ static void on_read(uv_stream_t *stream, ssize_t nread, const uv_buf_t *buf) {
   } else if (nread == UV_ENOBUFS) {
     fail_channel(ch, "out of memory reading the channel");
   } else {
-    fail_channel(ch, uv_strerror((int)nread));
+    char text[128];
+    fail_channel(ch, uv_strerror_r((int)nread, text, sizeof text));
   }
 }
 

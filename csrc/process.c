@@ -30,25 +30,39 @@ static void free_strings(char **v) {
   free(v);
 }
 
-/* Copies the array of strings in field `name` of the table at idx (NULL if absent). */
-static char **string_array(lua_State *L, int idx, const char *name, const char *first) {
+/* Copies the array of strings in field `name` of the table at idx into *out (NULL if
+ * absent), after `first` when given. Returns 0, or -1 with the message on the stack and
+ * nothing allocated. */
+static int string_array(lua_State *L, int idx, const char *name, const char *first, char ***out) {
+  *out = NULL;
   int t = lua_getfield(L, idx, name);
-  if (t == LUA_TNIL) { lua_pop(L, 1); return NULL; }
-  if (t != LUA_TTABLE) luaL_error(L, "spawn: bad option '%s': expected a table of strings", name);
+  if (t == LUA_TNIL) { lua_pop(L, 1); return 0; }
+  if (t != LUA_TTABLE) {
+    lua_pushfstring(L, "spawn: bad option '%s': expected a table of strings", name);
+    return -1;
+  }
   lua_Integer n = (lua_Integer)lua_rawlen(L, -1); /* (not __len: the array's own length) */
   int extra = first ? 1 : 0;
   char **v = calloc((size_t)n + 1 + extra, sizeof *v);
-  if (v == NULL) luaL_error(L, "spawn: out of memory");
-  if (first) v[0] = strdup(first);
+  if (v == NULL || (first && (v[0] = strdup(first)) == NULL)) {
+    free(v);
+    lua_pushliteral(L, "spawn: out of memory");
+    return -1;
+  }
   for (lua_Integer i = 1; i <= n; i++) {
     lua_rawgeti(L, -1, i);
     const char *s = lua_tostring(L, -1);
-    if (s == NULL) { free_strings(v); luaL_error(L, "spawn: bad option '%s': item %d is not a string", name, (int)i); }
-    v[i - 1 + extra] = strdup(s);
+    if (s == NULL || (v[i - 1 + extra] = strdup(s)) == NULL) {
+      free_strings(v);
+      lua_pushfstring(L, s == NULL ? "spawn: bad option '%s': item %d is not a string" : "spawn: out of memory",
+                      name, (int)i);
+      return -1;
+    }
     lua_pop(L, 1);
   }
   lua_pop(L, 1);
-  return v;
+  *out = v;
+  return 0;
 }
 
 static void on_exit_cb(uv_process_t *p, int64_t status, int term_signal) {
@@ -123,11 +137,32 @@ static int l_spawn(lua_State *L) {
   lua_pop(L, 2);
   /* stack: opts, on_exit, on_output, cwd */
 
-  char **args = string_array(L, 1, "args", file);
-  char **env = string_array(L, 1, "env", NULL);
+  char **args, **env;
+  if (string_array(L, 1, "args", file, &args) != 0) return lua_error(L);
+  if (string_array(L, 1, "env", NULL, &env) != 0) {
+    free_strings(args);
+    return lua_error(L);
+  }
   if (args == NULL) {
     args = calloc(2, sizeof *args);
-    args[0] = strdup(file);
+    if (args == NULL || (args[0] = strdup(file)) == NULL) {
+      free(args);
+      free_strings(env);
+      return luaL_error(L, "spawn: out of memory");
+    }
+  }
+
+  output_pipe *outs[2] = {NULL, NULL};
+  if (silent) {
+    outs[0] = calloc(1, sizeof(output_pipe));
+    outs[1] = calloc(1, sizeof(output_pipe));
+    if (outs[0] == NULL || outs[1] == NULL) {
+      free(outs[0]);
+      free(outs[1]);
+      free_strings(args);
+      free_strings(env);
+      return luaL_error(L, "spawn: out of memory");
+    }
   }
 
   process *pr = (process *)cl_handle_new(L, sizeof(process), TNAME);
@@ -137,14 +172,12 @@ static int l_spawn(lua_State *L) {
 
   uv_stdio_container_t stdio[4];
   memset(stdio, 0, sizeof stdio);
-  output_pipe *outs[2] = {NULL, NULL};
   for (int i = 0; i < 3; i++) {
     stdio[i].flags = UV_INHERIT_FD;
     stdio[i].data.fd = i;
   }
   if (silent) {
     for (int i = 0; i < 2; i++) {
-      outs[i] = calloc(1, sizeof(output_pipe));
       uv_pipe_init(cl_loop(), &outs[i]->pipe, 0);
       outs[i]->pipe.data = outs[i];
       outs[i]->name = i == 0 ? "stdout" : "stderr";

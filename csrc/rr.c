@@ -683,9 +683,7 @@ static int l_rr_listen(lua_State *L) {
   const char *syscall;
   int fd = open_listener(is_tcp, where, (int)port, (int)backlog, ipv6only, &syscall);
   if (fd < 0) {
-    lua_pushnil(L);
-    lua_pushfstring(L, "%s %s: %s", syscall, uv_err_name(fd), uv_strerror(fd));
-    lua_pushstring(L, uv_err_name(fd));
+    cl_push_fail(L, fd, syscall);
     lua_pushinteger(L, fd);
     return 4;
   }

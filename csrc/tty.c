@@ -35,9 +35,10 @@ static lua_State *reader_L;
 static int line_cb = LUA_NOREF;
 static int interrupt_cb = LUA_NOREF;
 static int active = 0;
-static uv_poll_t poll_handle;
+static uv_poll_t *poll_handle;   /* readline's: one per start, freed once closed */
 static int poll_open = 0;
 static uv_fs_t read_req;
+static int read_in_flight = 0;    /* read_req is on the thread pool (it cannot be cancelled) */
 static char read_buf[4096];
 static cl_buf pending_line;
 static char *plain_prompt = NULL;
@@ -135,6 +136,7 @@ static void start_plain_read(void);
 
 static void on_plain_read(uv_fs_t *req) {
   ssize_t n = req->result;
+  read_in_flight = 0;
   uv_fs_req_cleanup(req);
   if (!active) return;
   if (n <= 0) {
@@ -167,8 +169,10 @@ static void on_plain_read(uv_fs_t *req) {
 static void start_plain_read(void) {
   if (plain_prompt && pending_line.len == 0) { fputs(plain_prompt, stdout); fflush(stdout); }
   uv_buf_t b = uv_buf_init(read_buf, sizeof read_buf);
-  uv_fs_read(cl_loop(), &read_req, 0, &b, 1, -1, on_plain_read);
+  if (uv_fs_read(cl_loop(), &read_req, 0, &b, 1, -1, on_plain_read) == 0) read_in_flight = 1;
 }
+
+static void free_poll(uv_handle_t *h) { free(h); }
 
 static void stop_reading(void) {
   if (!active) return;
@@ -180,8 +184,9 @@ static void stop_reading(void) {
   if (poll_open) {
     if (rl.prep_term && readline_prep) *rl.prep_term = readline_prep;
     rl.remove();
-    uv_poll_stop(&poll_handle);
-    uv_close((uv_handle_t *)&poll_handle, NULL);
+    uv_poll_stop(poll_handle);
+    uv_close((uv_handle_t *)poll_handle, free_poll);
+    poll_handle = NULL;
     poll_open = 0;
   }
 }
@@ -206,7 +211,12 @@ static int l_readline_start(lua_State *L) {
   int tty = isatty(0);
   if (tty && interrupt_cb != LUA_NOREF && tcgetattr(0, &saved_tty) == 0) tty_saved = 1;
   if (tty && load_readline() && getenv("LUACLUSTER_NO_READLINE") == NULL) {
-    uv_poll_init(cl_loop(), &poll_handle, 0);
+    poll_handle = malloc(sizeof *poll_handle);
+    if (poll_handle == NULL) {
+      stop_reading();
+      return luaL_error(L, "repl: out of memory");
+    }
+    uv_poll_init(cl_loop(), poll_handle, 0);
     poll_open = 1;
     int keyed = tty_saved && rl.prep_term && *rl.prep_term && rl.bind_key;
     if (keyed) {
@@ -215,14 +225,19 @@ static int l_readline_start(lua_State *L) {
     }
     rl.install(prompt, on_rl_line);
     if (keyed) rl.bind_key(3, on_ctrl_c);
-    uv_poll_start(&poll_handle, UV_READABLE, on_poll);
+    uv_poll_start(poll_handle, UV_READABLE, on_poll);
     lua_pushliteral(L, "readline");
     return 1;
   }
   if (tty_saved) no_interrupt_char();
   free(plain_prompt);
   plain_prompt = strdup(prompt);
-  start_plain_read();
+  if (!read_in_flight) {
+    start_plain_read();
+  } else { /* the read of an earlier start goes on, for this one */
+    fputs(prompt, stdout);
+    fflush(stdout);
+  }
   lua_pushliteral(L, "plain");
   return 1;
 }

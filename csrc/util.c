@@ -271,13 +271,24 @@ int cl_take_error(lua_State *L) {
 
 /* ---- errors ---- */
 
+/* libuv's name and text of an error, in the caller's buffers (uv_err_name and
+ * uv_strerror leak a string for a code they do not know). */
+typedef struct { char name[48], text[128]; } err_words;
+static const err_words *describe(int uverr, err_words *w) {
+  uv_err_name_r(uverr, w->name, sizeof w->name);
+  uv_strerror_r(uverr, w->text, sizeof w->text);
+  return w;
+}
+
 int cl_push_fail(lua_State *L, int uverr, const char *what) {
+  err_words w;
+  describe(uverr, &w);
   lua_pushnil(L);
   if (what)
-    lua_pushfstring(L, "%s %s: %s", what, uv_err_name(uverr), uv_strerror(uverr));
+    lua_pushfstring(L, "%s %s: %s", what, w.name, w.text);
   else
-    lua_pushfstring(L, "%s: %s", uv_err_name(uverr), uv_strerror(uverr));
-  lua_pushstring(L, uv_err_name(uverr));
+    lua_pushfstring(L, "%s: %s", w.name, w.text);
+  lua_pushstring(L, w.name);
   return 3;
 }
 
@@ -287,17 +298,19 @@ static int error_tostring(lua_State *L) {
 }
 
 void cl_push_error_object(lua_State *L, int uverr, const char *syscall, const char *detail) {
+  err_words w;
+  describe(uverr, &w);
   lua_createtable(L, 0, 5);
-  lua_pushstring(L, uv_err_name(uverr));
+  lua_pushstring(L, w.name);
   lua_setfield(L, -2, "code");
   lua_pushinteger(L, uverr);
   lua_setfield(L, -2, "errno");
   lua_pushstring(L, syscall);
   lua_setfield(L, -2, "syscall");
   if (detail && *detail)
-    lua_pushfstring(L, "%s %s %s", syscall, uv_err_name(uverr), detail);
+    lua_pushfstring(L, "%s %s %s", syscall, w.name, detail);
   else
-    lua_pushfstring(L, "%s %s", syscall, uv_err_name(uverr));
+    lua_pushfstring(L, "%s %s", syscall, w.name);
   lua_setfield(L, -2, "message");
   if (luaL_newmetatable(L, "cluster.error")) {
     lua_pushcfunction(L, error_tostring);
