@@ -684,10 +684,12 @@ static void parse_frames(cl_channel *ch) {
     /* `in` may have been reallocated by a nested read; p is not used after this. */
   }
   if (cl_handle_is_closing(&ch->h)) return;
-  /* A descriptor comes with the first bytes of its frame, so once the complete frames
-   * took theirs, only a frame still arriving may own one. More would pile up (and pair
-   * with the wrong frames): the peer breaks the protocol. */
-  if (uv_pipe_pending_count(&ch->h.u.pipe) > (ch->in.len > ch->in_pos ? 1 : 0)) {
+  /* Descriptors come with the first bytes of the write that carries their frames (a
+   * handle frame alone, or a batch of up to CL_CONN_BATCH_MAX hand-offs, which may
+   * still be arriving), so once the complete frames took theirs, at most one batch's
+   * can be waiting. More would pile up, and pair with the wrong frames: the peer breaks
+   * the protocol. */
+  if (uv_pipe_pending_count(&ch->h.u.pipe) > CL_CONN_BATCH_MAX) {
     fail_channel(ch, "received a descriptor that no message carries");
     return;
   }

@@ -339,7 +339,21 @@ describe("cluster errors", function()
     H.finish()
   end)
 
-  it("a descriptor sent with no message to carry it breaks the protocol: the worker's channel is dropped with an 'error'", function()
+  it("a batch of hand-offs that a read splits is waited for, not taken for a broken protocol (all 8 arrive)", function()
+    local binary = H.tmpfile("batch-split")
+    assert(os.execute(string.format("cc -o %s %s", H.shell_quote(binary), H.shell_quote(H.fixture("batch_split_master.c")))),
+      "cc could not build the fixture")
+    for _, filler in ipairs { 1000, 65500 } do -- (65,500 bytes ahead: the 64 KiB read ends inside the batch)
+      local out = H.tmpfile("batch-split-out")
+      local ok = os.execute(string.format("cd %s && %s %d lua5.4 %s > %s 2>&1", H.shell_quote(H.ROOT), H.shell_quote(binary),
+        filler, H.shell_quote(H.fixture("batch_split_worker.lua")), H.shell_quote(out)))
+      assert(ok, H.read_file(out))
+      has(H.read_file(out), "connections received: 8 of 8; channel healthy")
+    end
+    H.finish()
+  end)
+
+  it("descriptors sent with no message to carry them break the protocol: the worker's channel is dropped with an 'error'", function()
     local binary = H.tmpfile("fd-without-frame")
     assert(os.execute(string.format("cc -o %s %s", H.shell_quote(binary), H.shell_quote(H.fixture("fd_without_frame.c")))),
       "cc could not build the fixture")
@@ -349,7 +363,7 @@ describe("cluster errors", function()
     local err, code
     w:on("error", function(e) err = e end)
     w:on("exit", function(c) code = c end)
-    -- (its message, complete, may still arrive; the descriptor that came with it is the fault)
+    -- (its messages, complete, may still arrive; the descriptors that came with them are the fault)
     assert.is_true(H.wait_until(function() return err ~= nil and code ~= nil end, 5000))
     assert.equal("EPROTO", err.code)
     has(tostring(err), "descriptor that no message carries")
