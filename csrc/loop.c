@@ -60,6 +60,30 @@ static void raise_pending(lua_State *L) {
   if (cl_take_error(L)) lua_error(L);
 }
 
+static int uv_run_in_lua(lua_State *L) {
+  lua_pushinteger(L, uv_run(cl_loop(), (uv_run_mode)lua_tointeger(L, 1)));
+  return 1;
+}
+
+/* uv_run under `running`, protected: callbacks catch their own errors (cl_call), but one
+ * raised outside them (out of memory in C code that builds their arguments) would
+ * otherwise unwind past us and leave `running` set for good. Returns uv_run's result;
+ * on such an error, puts SIGINT back (guard, if any) and raises it again. */
+static int run_loop(lua_State *L, uv_run_mode mode, sigint_guard *guard) {
+  lua_pushcfunction(L, uv_run_in_lua);
+  lua_pushinteger(L, mode);
+  running = 1;
+  int status = lua_pcall(L, 1, 1, 0);
+  running = 0;
+  if (status != LUA_OK) {
+    if (guard) sigint_default_end(guard);
+    lua_error(L);
+  }
+  int alive = (int)lua_tointeger(L, -1);
+  lua_pop(L, 1);
+  return alive;
+}
+
 /* core.run(): runs until nothing is left or stop() is called; returns true if stopped. */
 static int l_run(lua_State *L) {
   check_not_running(L, "cluster.run");
@@ -67,16 +91,13 @@ static int l_run(lua_State *L) {
   raise_pending(L);
   sigint_guard guard;
   sigint_default_begin(&guard);
-  running = 1;
-  while (uv_run(cl_loop(), UV_RUN_DEFAULT) != 0) {
+  while (run_loop(L, UV_RUN_DEFAULT, &guard) != 0) {
     if (cl_take_error(L)) {
-      running = 0;
       sigint_default_end(&guard);
       return lua_error(L);
     }
     if (stop_requested) break;
   }
-  running = 0;
   sigint_default_end(&guard);
   raise_pending(L);
   lua_pushboolean(L, stop_requested);
@@ -88,9 +109,7 @@ static int l_run(lua_State *L) {
 static int l_poll(lua_State *L) {
   check_not_running(L, "cluster.poll");
   raise_pending(L);
-  running = 1;
-  int alive = uv_run(cl_loop(), UV_RUN_NOWAIT);
-  running = 0;
+  int alive = run_loop(L, UV_RUN_NOWAIT, NULL);
   raise_pending(L);
   lua_pushboolean(L, alive);
   return 1;
@@ -106,9 +125,7 @@ static int l_run_once(lua_State *L) {
   uv_update_time(loop);
   sigint_guard guard;
   sigint_default_begin(&guard);
-  running = 1;
-  int alive = uv_run(loop, uv_backend_timeout(loop) == 0 ? UV_RUN_NOWAIT : UV_RUN_ONCE);
-  running = 0;
+  int alive = run_loop(L, uv_backend_timeout(loop) == 0 ? UV_RUN_NOWAIT : UV_RUN_ONCE, &guard);
   sigint_default_end(&guard);
   raise_pending(L);
   lua_pushboolean(L, alive);
@@ -139,6 +156,12 @@ static int l_hrtime(lua_State *L) {
   return 1;
 }
 
+/* core.loop_running(): whether this is called from a callback of the running loop. */
+static int l_loop_running(lua_State *L) {
+  lua_pushboolean(L, running);
+  return 1;
+}
+
 static int l_alive(lua_State *L) {
   lua_pushboolean(L, uv_loop_alive(cl_loop()));
   return 1;
@@ -148,6 +171,7 @@ void cl_open_loop(lua_State *L) {
   static const luaL_Reg fns[] = {
     {"run", l_run}, {"poll", l_poll}, {"run_once", l_run_once}, {"stop", l_stop},
     {"now", l_now}, {"update_time", l_update_time}, {"hrtime", l_hrtime}, {"alive", l_alive},
+    {"loop_running", l_loop_running},
     {NULL, NULL}};
   luaL_setfuncs(L, fns, 0);
 }

@@ -1,14 +1,16 @@
 /* Line input for the REPL, served by the loop: GNU readline's callback interface over a
  * uv_poll when stdin is a terminal and libreadline can be loaded (dlopen, so the build
  * does not need it), otherwise plain reads of fd 0 on libuv's thread pool, which work
- * the same for terminals, pipes and files. */
+ * the same for terminals, pipes and files. And the REPL's Ctrl-C: at the prompt it
+ * drops the line (readline_cancel, from the REPL's SIGINT watcher); while a statement
+ * runs it interrupts it (call_interruptible). */
 #include "util.h"
 
 #include <dlfcn.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
-#include <termios.h>
+#include <signal.h>
 #include <unistd.h>
 
 typedef void (*rl_vcpfunc_t)(char *);
@@ -24,16 +26,12 @@ static struct {
   int (*crlf)(void);
   int (*on_new_line)(void);
   void (*sigcleanup)(void);
-  int (*bind_key)(int, int (*)(int, int));
-  void (**prep_term)(int);                   /* readline's rl_prep_term_function */
 } rl;
 
 static int in_line_handler = 0; /* Lua is running the line just entered */
-static int in_key_command = 0;  /* a typed Ctrl-C is being handled */
 
 static lua_State *reader_L;
 static int line_cb = LUA_NOREF;
-static int interrupt_cb = LUA_NOREF;
 static int active = 0;
 static uv_poll_t *poll_handle;   /* readline's: one per start, freed once closed */
 static int poll_open = 0;
@@ -58,8 +56,7 @@ static int load_readline(void) {
   rl.crlf = (int (*)(void))dlsym(rl.lib, "rl_crlf");
   rl.on_new_line = (int (*)(void))dlsym(rl.lib, "rl_on_new_line");
   rl.sigcleanup = (void (*)(void))dlsym(rl.lib, "rl_callback_sigcleanup");
-  rl.bind_key = (int (*)(int, int (*)(int, int)))dlsym(rl.lib, "rl_bind_key");
-  rl.prep_term = (void (**)(int))dlsym(rl.lib, "rl_prep_term_function");
+
   if (!rl.install || !rl.read_char || !rl.remove) {
     dlclose(rl.lib);
     memset(&rl, 0, sizeof rl);
@@ -79,38 +76,46 @@ static void deliver(const char *line, size_t len) {
 
 static void stop_reading(void);
 
-/* Ctrl-C at the prompt. A terminal would send SIGINT to the whole foreground process
- * group, the workers too; while the prompt is up the terminal's interrupt character is
- * turned off instead (as Node's REPL reads keys raw), and the key reaches us: readline
- * runs on_ctrl_c, plain reads find it in the line. Lua's interrupt callback decides. */
-static void interrupt(void) {
-  if (interrupt_cb == LUA_NOREF) return;
-  lua_rawgeti(reader_L, LUA_REGISTRYINDEX, interrupt_cb);
-  cl_call(reader_L, 0);
+/* An interruptible call: SIGINT while Lua code the REPL runs does not return makes it
+ * fail with "interrupted!" (as lua5.4 -i does), through a hook set from the signal
+ * handler (lua_sethook may be called there). */
+static lua_State *interrupt_L;
+
+static void interrupted(lua_State *L, lua_Debug *ar) {
+  (void)ar;
+  lua_sethook(L, NULL, 0, 0);
+  luaL_error(L, "interrupted!");
 }
 
-static int on_ctrl_c(int count, int key) {
-  (void)count; (void)key;
-  in_key_command = 1;
-  interrupt();
-  in_key_command = 0;
-  return 0;
+static void on_sigint(int sig) {
+  (void)sig;
+  lua_sethook(interrupt_L, interrupted, LUA_MASKCALL | LUA_MASKRET | LUA_MASKCOUNT, 1);
 }
 
-static int tty_saved = 0;       /* saved_tty holds the terminal's settings to restore */
-static struct termios saved_tty;
-
-static void no_interrupt_char(void) {
-  struct termios t;
-  if (tcgetattr(0, &t) != 0) return;
-  t.c_cc[VINTR] = _POSIX_VDISABLE;
-  tcsetattr(0, TCSADRAIN, &t);
+static int with_traceback(lua_State *L) {
+  luaL_traceback(L, L, lua_tostring(L, 1), 1);
+  return 1;
 }
 
-static void (*readline_prep)(int);
-static void prep_terminal(int meta) {
-  readline_prep(meta);
-  no_interrupt_char();
+/* core.call_interruptible(fn) -> true, results... | false, message with traceback */
+static int l_call_interruptible(lua_State *L) {
+  luaL_checktype(L, 1, LUA_TFUNCTION);
+  lua_pushcfunction(L, with_traceback);
+  lua_insert(L, 1);
+  struct sigaction sa, previous;
+  memset(&sa, 0, sizeof sa);
+  sa.sa_handler = on_sigint;
+  sigemptyset(&sa.sa_mask);
+  lua_State *outer = interrupt_L;
+  interrupt_L = L;
+  int installed = sigaction(SIGINT, &sa, &previous) == 0;
+  int status = lua_pcall(L, lua_gettop(L) - 2, LUA_MULTRET, 1);
+  if (installed) sigaction(SIGINT, &previous, NULL);
+  interrupt_L = outer;
+  lua_sethook(L, NULL, 0, 0);
+  lua_pushboolean(L, status == LUA_OK);
+  lua_replace(L, 1);
+  return lua_gettop(L);
 }
 
 static void on_rl_line(char *line) {
@@ -151,13 +156,7 @@ static void on_plain_read(uv_fs_t *req) {
       size_t len = pending_line.len;
       if (len > 0 && pending_line.data[len - 1] == '\r') len--;
       pending_line.len = 0;
-      if (tty_saved && len > 0 && memchr(pending_line.data, 3, len)) { /* Ctrl-C typed */
-        in_key_command = 1;
-        interrupt();
-        in_key_command = 0;
-      } else {
-        deliver(pending_line.data ? pending_line.data : "", len);
-      }
+      deliver(pending_line.data ? pending_line.data : "", len);
       if (!active) return;
     } else {
       cl_buf_append(&pending_line, &read_buf[i], 1);
@@ -177,12 +176,7 @@ static void free_poll(uv_handle_t *h) { free(h); }
 static void stop_reading(void) {
   if (!active) return;
   active = 0;
-  if (tty_saved) {
-    tcsetattr(0, TCSADRAIN, &saved_tty);
-    tty_saved = 0;
-  }
   if (poll_open) {
-    if (rl.prep_term && readline_prep) *rl.prep_term = readline_prep;
     rl.remove();
     uv_poll_stop(poll_handle);
     uv_close((uv_handle_t *)poll_handle, free_poll);
@@ -191,26 +185,17 @@ static void stop_reading(void) {
   }
 }
 
-/* core.readline_start(prompt, on_line(line|nil)[, on_interrupt()]) -> "readline" | "plain" */
+/* core.readline_start(prompt, on_line(line|nil)) -> "readline" | "plain" */
 static int l_readline_start(lua_State *L) {
   const char *prompt = luaL_checkstring(L, 1);
   luaL_checktype(L, 2, LUA_TFUNCTION);
-  if (!lua_isnoneornil(L, 3)) luaL_checktype(L, 3, LUA_TFUNCTION);
   if (active) return luaL_error(L, "repl: already reading input");
   reader_L = L;
   luaL_unref(L, LUA_REGISTRYINDEX, line_cb);
   lua_pushvalue(L, 2);
   line_cb = luaL_ref(L, LUA_REGISTRYINDEX);
-  luaL_unref(L, LUA_REGISTRYINDEX, interrupt_cb);
-  interrupt_cb = LUA_NOREF;
-  if (!lua_isnoneornil(L, 3)) {
-    lua_pushvalue(L, 3);
-    interrupt_cb = luaL_ref(L, LUA_REGISTRYINDEX);
-  }
   active = 1;
-  int tty = isatty(0);
-  if (tty && interrupt_cb != LUA_NOREF && tcgetattr(0, &saved_tty) == 0) tty_saved = 1;
-  if (tty && load_readline() && getenv("LUACLUSTER_NO_READLINE") == NULL) {
+  if (isatty(0) && load_readline() && getenv("LUACLUSTER_NO_READLINE") == NULL) {
     poll_handle = malloc(sizeof *poll_handle);
     if (poll_handle == NULL) {
       stop_reading();
@@ -218,18 +203,11 @@ static int l_readline_start(lua_State *L) {
     }
     uv_poll_init(cl_loop(), poll_handle, 0);
     poll_open = 1;
-    int keyed = tty_saved && rl.prep_term && *rl.prep_term && rl.bind_key;
-    if (keyed) {
-      readline_prep = *rl.prep_term;
-      *rl.prep_term = prep_terminal;
-    }
     rl.install(prompt, on_rl_line);
-    if (keyed) rl.bind_key(3, on_ctrl_c);
     uv_poll_start(poll_handle, UV_READABLE, on_poll);
     lua_pushliteral(L, "readline");
     return 1;
   }
-  if (tty_saved) no_interrupt_char();
   free(plain_prompt);
   plain_prompt = strdup(prompt);
   if (!read_in_flight) {
@@ -270,13 +248,13 @@ static int l_readline_show(lua_State *L) {
   return 0;
 }
 
-/* core.readline_cancel(prompt): Ctrl-C at the prompt: the line being typed is dropped
- * and a fresh prompt shows on a new line. */
+/* core.readline_cancel(prompt): Ctrl-C (SIGINT) at the prompt: the line being typed is
+ * dropped and a fresh prompt shows on a new line. */
 static int l_readline_cancel(lua_State *L) {
   const char *prompt = luaL_checkstring(L, 1);
   if (!active) return 0;
   if (poll_open) {
-    if (rl.sigcleanup && !in_key_command) rl.sigcleanup();
+    if (rl.sigcleanup) rl.sigcleanup();
     if (rl.replace_line) rl.replace_line("", 0);
     if (rl.set_prompt) rl.set_prompt(prompt);
     fputs("^C", stdout);
@@ -288,11 +266,9 @@ static int l_readline_cancel(lua_State *L) {
     /* (a terminal's driver drops the typed line itself; what a pipe sent is kept) */
     free(plain_prompt);
     plain_prompt = strdup(prompt);
-    if (!in_key_command) { /* (a typed Ctrl-C ended its line: the next read shows the prompt) */
-      fputs("\n", stdout);
-      if (pending_line.len == 0) fputs(prompt, stdout);
-      fflush(stdout);
-    }
+    fputs("\n", stdout);
+    if (pending_line.len == 0) fputs(prompt, stdout);
+    fflush(stdout);
   }
   return 0;
 }
@@ -307,6 +283,7 @@ void cl_open_tty(lua_State *L) {
   static const luaL_Reg fns[] = {
     {"readline_start", l_readline_start}, {"readline_prompt", l_readline_prompt},
     {"readline_stop", l_readline_stop}, {"readline_hide", l_readline_hide},
-    {"readline_show", l_readline_show}, {"readline_cancel", l_readline_cancel}, {NULL, NULL}};
+    {"readline_show", l_readline_show}, {"readline_cancel", l_readline_cancel},
+    {"call_interruptible", l_call_interruptible}, {NULL, NULL}};
   luaL_setfuncs(L, fns, 0);
 }

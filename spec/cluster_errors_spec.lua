@@ -144,6 +144,28 @@ describe("cluster errors", function()
     H.finish()
   end)
 
+  it("misuse is reported at the caller's line also when the modules are not loaded from files (a bundle, package.preload)", function()
+    local script = H.tmpfile("bundle.lua")
+    local f = assert(io.open(script, "w"))
+    f:write(string.format([[
+      for _, m in ipairs { "errors", "loop", "emitter" } do
+        local src = assert(io.open(%q .. m .. ".lua")):read("a")
+        package.preload["cluster." .. m] = function() return assert(load(src, "=cluster/" .. m .. ".lua"))() end
+      end
+      local loop = require "cluster.loop"
+      local ok, err = pcall(function()
+        loop.setTimeout("not a function", 10) -- line 7
+      end)
+      io.write(tostring(err))
+    ]], H.ROOT .. "/lua/cluster/"))
+    f:close()
+    local p = io.popen("lua5.4 " .. H.shell_quote(script) .. " 2>&1")
+    local out = p:read("a")
+    p:close()
+    assert.truthy(out:find("bundle.lua:7: setTimeout: bad argument #1", 1, true), out)
+    H.finish()
+  end)
+
   it("a worker script that does not exist gives an 'error' that says why and an 'exit', and the master goes on", function()
     local good = cluster.fork()
     cluster.setupMaster({ exec = "/nonexistent/worker.lua" })

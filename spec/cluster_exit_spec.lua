@@ -130,6 +130,22 @@ describe("cluster worker exit", function()
     H.finish()
   end)
 
+  it("a worker runs in a session of its own: the terminal's signals (Ctrl-C) reach the master only", function()
+    local w = cluster.fork()
+    local online = false
+    w:on("online", function() online = true end)
+    assert.is_true(H.wait_until(function() return online end, 5000))
+    -- /proc/<pid>/stat: ... pid (comm) state ppid pgrp session ...
+    local function session(pid)
+      local stat = H.read_file("/proc/" .. pid .. "/stat")
+      return stat:match("%) %S+ %d+ %d+ (%d+)")
+    end
+    assert.equal(tostring(w.process.pid), session(w.process.pid))
+    assert.are_not.equal(session(require("cluster.core").getpid()), session(w.process.pid))
+    w:kill()
+    H.finish()
+  end)
+
   it("reports a worker's own exit code with no signal", function()
     local r = {}
     for _, code in ipairs { 0, 1, 7, 255 } do

@@ -46,6 +46,14 @@ describe("cluster.repl", function()
       "no fresh prompt after SIGINT")
     type_line("print('after interrupt', y)")
     assert(shows("after interrupt\tnil\n"))
+    -- SIGINT while a statement runs interrupts it, and the REPL goes on
+    type_line("while true do end")
+    H.run_for(200)
+    core.kill(m.pid, "SIGINT")
+    assert.is_true(H.wait_until(function() return (H.read_file(m.err) or ""):find("interrupted!", 1, true) ~= nil end, 5000),
+      "the statement was not interrupted")
+    type_line("print('still here')")
+    assert(shows("still here\n"))
     assert.is_true(H.alive(m.pid))
     assert.is_nil(out():find("unexpected symbol", 1, true), out())
     input:close() -- end of input
@@ -56,7 +64,7 @@ describe("cluster.repl", function()
     H.finish()
   end)
 
-  it("on a terminal (readline), Ctrl-C is a key: the statement being typed is dropped and the workers get no SIGINT", function()
+  it("on a terminal (readline), Ctrl-C drops the statement being typed or interrupts the one running; the workers get no SIGINT", function()
     if not os.execute("command -v script > /dev/null") then
       pending("needs script(1) (bsdutils) for a terminal")
       return
@@ -85,16 +93,37 @@ describe("cluster.repl", function()
     H.track(worker)
     press("y = (\r")
     assert.is_true(shows(">> "), out())
-    press("abc\3") -- Ctrl-C in the middle of a continued statement
+    press("abc")
+    assert.is_true(shows(">> abc"), out())
+    press("\3") -- Ctrl-C in the middle of a continued statement: a SIGINT for the master only
     assert.is_true(shows("abc^C\n> "), out())
     press("print('after', y)\r")
     assert.is_true(shows("after\tnil\n"), out())
+    -- Ctrl-C while a statement runs interrupts it (as lua5.4 -i), and the prompt comes back
+    press("while true do end\r")
+    H.run_for(200)
+    press("\3")
+    assert.is_true(shows("interrupted!"), out())
+    press("print('back')\r")
+    assert.is_true(shows("back\n"), out())
     assert.is_true(H.alive(worker), "the worker got Ctrl-C's SIGINT")
     assert.is_true(H.alive(master))
     press("\4") -- Ctrl-D: the REPL returns, the master ends
     assert.is_true(shows("REPL DONE"), out())
     assert.is_true(H.wait_until(function() return not H.alive(master) and not H.alive(worker) end, 5000))
     keys:close()
+    H.finish()
+  end)
+
+  it("refuses to start from a callback of the running loop (it runs the loop itself)", function()
+    local cluster = require "cluster"
+    local err
+    cluster.setTimeout(function()
+      local ok, e = pcall(cluster.repl)
+      err = not ok and tostring(e) or "no error"
+    end, 0)
+    assert.is_true(H.wait_until(function() return err ~= nil end, 2000))
+    assert.truthy(err:find("repl: called from a callback of the loop", 1, true), err)
     H.finish()
   end)
 end)

@@ -53,9 +53,20 @@ describe("supervise: options", function()
     refuses({ env = { ["A=B"] = "x" } }, "env")
     refuses({ reload = { concurrency = 0 } }, "reload.concurrency")
     refuses({ reload = { concurrency = "2" } }, "reload.concurrency")
+    refuses({ watchdog = { interval = 0 } }, "watchdog.interval")
+    refuses({ recycle = { check = 0 } }, "recycle.check")
     assert.is_nil(next(cluster.workers))
     -- and none of the refused calls left a supervisor behind
     assert.is_nil(cluster.supervisor())
+    -- what the README documents is accepted: "report", no crash-loop limit, 2.0 workers at a time
+    for _, fine in ipairs { { watchdog = { action = "report" } }, { intensity = math.huge },
+                            { reload = { concurrency = 2.0 } } } do
+      fine.workers, fine.signals, fine.output = 0, false, false
+      cluster.supervise(fine)
+      local done = false
+      cluster.shutdown(function() done = true end)
+      assert.is_true(H.wait_until(function() return done end, 2000))
+    end
     local o = cluster.supervise { workers = 0, signals = false, output = false }
     assert.equal(o, cluster.supervisor())
     H.finish()

@@ -45,16 +45,32 @@ end
 -- or nil when this module was not loaded from a file.
 local LIBRARY = debug.getinfo(1, "S").source:match("^@.*[/\\]")
 
+-- The sources of the library's chunks when they were not loaded from files (a bundle,
+-- package.preload): those of the functions the loaded cluster modules hold.
+local function library_sources()
+  local sources = { [debug.getinfo(1, "S").source] = true }
+  for name, mod in pairs(package.loaded) do
+    if type(name) == "string" and (name == "cluster" or name:sub(1, 8) == "cluster.") and type(mod) == "table" then
+      for _, v in pairs(mod) do
+        if type(v) == "function" then sources[debug.getinfo(v, "S").source] = true end
+      end
+    end
+  end
+  return sources
+end
+
 --- Raises the message `msg` at the user's line: the first caller outside the library's
 -- modules, however deep inside them the misuse was found (a C caller, such as pcall,
 -- gives no position, as with Lua's own argument errors).
 function M.raise(msg)
-  if not LIBRARY then error(msg, 3) end
+  local sources = not LIBRARY and library_sources()
   local level = 2 -- (1 is this function)
   while true do
     local info = debug.getinfo(level, "S")
     if not info then error(msg, 0) end
-    if info.source:sub(1, #LIBRARY) ~= LIBRARY then error(msg, level) end
+    local ours
+    if LIBRARY then ours = info.source:sub(1, #LIBRARY) == LIBRARY else ours = sources[info.source] end
+    if not ours then error(msg, level) end
     level = level + 1
   end
 end

@@ -896,14 +896,14 @@ end
 
 --- Whether the server holds `maxConnections` connections already (Node's
 -- `server.maxConnections`: nil, the default, is no limit). A value that is not a number
--- raises, after `settle()` has disposed of the connection at hand. Internal: the cluster
--- layer refuses a round-robin connection to a full server, and the master hands it to
--- another worker.
-function Server:_full(settle)
+-- raises, after `settle(...)` has disposed of the connection at hand. Internal: the
+-- cluster layer refuses a round-robin connection to a full server, and the master hands
+-- it to another worker.
+function Server:_full(settle, ...)
   local max = self.maxConnections
   if max == nil then return false end
   if type(max) ~= "number" or max ~= max then
-    settle()
+    settle(...)
     error("server.maxConnections: expected a number or nil, got " .. (type(max) == "number" and "nan" or type(max)), 0)
   end
   return self._connectionCount >= max
@@ -937,7 +937,7 @@ function connection_listener(self)
       if code == "EAGAIN" then return end
       return emit_error(self, uv_error(code, "accept"))
     end
-    if self.maxConnections ~= nil and self:_full(function() stream:close() end) then
+    if self.maxConnections ~= nil and self:_full(stream.close, stream) then
       return drop(self, stream, remoteAddress, remotePort, remoteFamily, localAddress, localPort)
     end
     accept_stream(self, stream, remoteAddress, remotePort, remoteFamily, localAddress, localPort, localFamily)

@@ -18,7 +18,7 @@ end
 
 local function report(msg)
   -- drop the frames of the REPL itself from tracebacks
-  msg = tostring(msg):gsub("\n\t%[C%]: in function 'xpcall'.*$", "")
+  msg = tostring(msg):gsub("\n\t%[C%]: in function '[^']*call_interruptible'.*$", "")
   io.stderr:write(msg, "\n")
   io.stderr:flush()
 end
@@ -43,6 +43,9 @@ function M.start(cluster, options)
   if type(options) ~= "table" then
     errors.raise("repl: bad argument #1 (options): expected a table, got " .. type(options))
   end
+  if core.loop_running() then
+    errors.raise("repl: called from a callback of the loop; call it from the main script")
+  end
   local prompt, prompt2 = options.prompt or "> ", options.prompt2 or ">> "
   local env = options.env or setmetatable({ cluster = cluster }, { __index = _G, __newindex = _G })
   local buffer = nil
@@ -65,7 +68,8 @@ function M.start(cluster, options)
     end
     buffer = nil
     if fn then
-      local results = table.pack(xpcall(fn, debug.traceback))
+      -- (Ctrl-C while it runs makes it fail with "interrupted!", as in lua5.4 -i)
+      local results = table.pack(core.call_interruptible(fn))
       if results[1] then
         print_results(results.n - 1, table.unpack(results, 2, results.n))
       else
@@ -85,18 +89,16 @@ function M.start(cluster, options)
     core.readline_show()
   end
 
-  -- Ctrl-C drops the statement being typed (a continued one too) and shows a fresh
-  -- prompt. On a terminal it comes as a key (the terminal's interrupt character is off
-  -- while the prompt is up, so the workers get no SIGINT); a SIGINT sent to the master
-  -- does the same and does not end it while the prompt is up.
-  local function on_interrupt()
+  -- Ctrl-C (SIGINT) at the prompt drops the statement being typed (a continued one too)
+  -- and shows a fresh prompt; it does not end the process while the prompt is up. (The
+  -- workers run in sessions of their own: the terminal's Ctrl-C reaches the master only.)
+  local interrupt = core.signal("SIGINT", function()
     buffer = nil
     core.readline_cancel(prompt)
-  end
-  local interrupt = core.signal("SIGINT", on_interrupt)
+  end)
   if interrupt then interrupt:unref() end
 
-  core.readline_start(prompt, on_line, on_interrupt)
+  core.readline_start(prompt, on_line)
   while not done do
     local ok, err = pcall(core.run)
     if not ok then

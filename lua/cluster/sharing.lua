@@ -427,25 +427,24 @@ function M.installWorker(cluster)
   -- (called once per connection: plain functions and fixed arguments, no varargs)
   local accept_stream = require("cluster.net").Server._acceptStream
   local answer = cluster._channel.answer
-  -- whether a server with a maxConnections is full (a bad value refuses the connection
-  -- and raises)
-  local function full(server, channel, rr_id, seq, stream)
-    return server:_full(function()
-      answer(channel, rr_id, seq, false)
-      stream:close()
-    end)
+  -- a connection the worker does not take: the master hands it to another worker
+  local function refuse(channel, rr_id, seq, stream)
+    answer(channel, rr_id, seq, false)
+    stream:close()
   end
   cluster._channel:on_connection(function(rr_id, seq, stream, remoteAddress, remotePort, remoteFamily,
                                           localAddress, localPort, localFamily)
     local server = rr_servers[rr_id]
     local channel = cluster._channel
     -- a server at its maxConnections refuses too: the master tries the other workers
+    -- (a maxConnections that is not a number refuses the connection, then raises)
     if server and server.listening and channel
-        and not (server.maxConnections ~= nil and full(server, channel, rr_id, seq, stream)) then
+        and not (server.maxConnections ~= nil and server:_full(refuse, channel, rr_id, seq, stream)) then
       answer(channel, rr_id, seq, true)
       accept_stream(server, stream, remoteAddress, remotePort, remoteFamily, localAddress, localPort, localFamily)
+    elseif channel then
+      refuse(channel, rr_id, seq, stream)
     else
-      if channel then answer(channel, rr_id, seq, false) end
       stream:close()
     end
   end)

@@ -31,7 +31,7 @@ M.defaults = {
   grace = 5000,             -- ms after disconnect before SIGTERM
   killTimeout = 5000,       -- ms after SIGTERM before SIGKILL
   reload = { concurrency = 1 },
-  watchdog = nil,           -- { interval = 1000, timeout = 5000, action = "restart" | function(worker, ms) }
+  watchdog = nil,           -- { interval = 1000, timeout = 5000, action = "restart" | "report" | function(worker, ms) }
   recycle = nil,            -- { maxRss = bytes, maxConnections = n, maxAge = ms, check = 1000 (ms between checks),
                             --   jitter = 0.2 (limits raised by up to 20% per worker), jitterMs = 1000 (random wait before replacing) }
   output = true,            -- print silent workers' lines prefixed; false: only the 'output' event
@@ -73,7 +73,9 @@ local function is_amount(v) return type(v) == "number" and v >= 0 and v < 2 ^ 53
 
 -- reload's concurrency (supervise's reload option, reload's own): a whole number >= 1
 local function check_concurrency(fname, field, v)
-  if v ~= nil and not (math.type(v) == "integer" and v >= 1) then bad_option(fname, field, "an integer >= 1", v) end
+  if v ~= nil and not (type(v) == "number" and (math.tointeger(v) or 0) >= 1) then
+    bad_option(fname, field, "an integer >= 1", v)
+  end
 end
 
 -- Every option, nested ones too, is checked before the supervisor starts: a bad one
@@ -85,7 +87,11 @@ local function check_options(o, check_env)
     bad("restart", '"permanent", "transient", "temporary" or a function', o.restart)
   end
   if o.readiness ~= "listening" and o.readiness ~= "explicit" then bad("readiness", '"listening" or "explicit"', o.readiness) end
-  for _, f in ipairs { "intensity", "period", "readyTimeout", "grace", "killTimeout", "crashLoopPause" } do
+  -- (no crash-loop limit: intensity = math.huge)
+  for _, f in ipairs { "intensity", "period" } do
+    if type(o[f]) ~= "number" or not (o[f] >= 0) then bad(f, "a number >= 0", o[f]) end
+  end
+  for _, f in ipairs { "readyTimeout", "grace", "killTimeout", "crashLoopPause" } do
     if not is_amount(o[f]) then bad(f, "a finite number >= 0", o[f]) end
   end
   if o.onCrashLoop ~= nil and type(o.onCrashLoop) ~= "function" then bad("onCrashLoop", "a function", o.onCrashLoop) end
@@ -103,18 +109,22 @@ local function check_options(o, check_env)
     if type(o.watchdog) ~= "table" then bad("watchdog", "a table", o.watchdog) end
     for _, f in ipairs { "interval", "timeout" } do
       local v = o.watchdog[f]
-      if v ~= nil and not is_amount(v) then bad("watchdog." .. f, "a finite number >= 0", v) end
+      if v ~= nil and not (is_amount(v) and v > 0) then bad("watchdog." .. f, "a finite number > 0", v) end
     end
     local action = o.watchdog.action
-    if action ~= nil and action ~= "restart" and type(action) ~= "function" then
-      bad("watchdog.action", '"restart" or a function', action)
+    if action ~= nil and action ~= "restart" and action ~= "report" and type(action) ~= "function" then
+      bad("watchdog.action", '"restart", "report" or a function', action)
     end
   end
   if o.recycle ~= nil then
     if type(o.recycle) ~= "table" then bad("recycle", "a table", o.recycle) end
-    for _, f in ipairs { "maxRss", "maxConnections", "maxAge", "check", "jitter", "jitterMs" } do
+    for _, f in ipairs { "maxRss", "maxConnections", "maxAge", "jitter", "jitterMs" } do
       local v = o.recycle[f]
       if v ~= nil and not is_amount(v) then bad("recycle." .. f, "a finite number >= 0", v) end
+    end
+    local check_ms = o.recycle.check
+    if check_ms ~= nil and not (is_amount(check_ms) and check_ms > 0) then
+      bad("recycle.check", "a finite number > 0", check_ms)
     end
   end
   if type(o.reload) ~= "table" then bad("reload", "a table", o.reload) end
@@ -584,7 +594,7 @@ function M.install(cluster)
     end
     set_held(false)
     sup.failures = 0
-    local concurrency = (opts and opts.concurrency) or sup.opts.reload.concurrency or 1
+    local concurrency = math.tointeger((opts and opts.concurrency) or sup.opts.reload.concurrency or 1)
     local old = live_supervised()
     local total = #old
     local index, active, replaced, failed = 0, 0, 0, false
