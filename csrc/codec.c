@@ -312,12 +312,6 @@ static int enc_str(encoder *e, const char *s, size_t n) {
 
 static int enc_value(encoder *e, int idx);
 
-/* The most tables an encoding of `len` bytes may hold (see the decoder's tables_left):
- * the encoder refuses what the receiving decoder would. */
-static size_t table_budget(size_t len) {
-  size_t n = len / 4 + 4096;
-  return n > CL_CODEC_MAX_TABLES ? CL_CODEC_MAX_TABLES : n;
-}
 
 static int enc_table(encoder *e, int idx) {
   lua_State *L = e->L;
@@ -452,7 +446,6 @@ int cl_codec_encode(lua_State *L, int idx, cl_buf *b, const char *root) {
   e.root = root ? root : "value";
   e.depth = 0;
   e.tables = 0;
-  size_t start = b->len;
   if (!lua_checkstack(L, 4)) {
     lua_pushliteral(L, "Lua stack overflow");
     return -1;
@@ -466,9 +459,9 @@ int cl_codec_encode(lua_State *L, int idx, cl_buf *b, const char *root) {
     return -1;
   }
   lua_settop(L, base);
-  if (e.tables > table_budget(b->len - start)) {
-    lua_pushfstring(L, "%s holds %I tables in %I bytes, more than a receiver takes (one per 4 bytes and 4096, "
-                    "at most %d)", e.root, (lua_Integer)e.tables, (lua_Integer)(b->len - start), CL_CODEC_MAX_TABLES);
+  if (e.tables > CL_CODEC_MAX_TABLES) { /* (what the receiving decoder would refuse) */
+    lua_pushfstring(L, "%s holds %I tables, more than a receiver takes (%d)", e.root, (lua_Integer)e.tables,
+                    CL_CODEC_MAX_TABLES);
     return -1;
   }
   return 0;
@@ -485,10 +478,8 @@ typedef struct {
    * below the input size whatever counts a malformed input claims. */
   size_t owed;
   /* Tables the rest of the input may still make. A table costs Lua some 60 bytes and
-   * the input as little as 1: without a budget, a frame of empty tables would cost its
-   * receiver 80 times its size. One table per 4 bytes (plus a few thousand), and at
-   * most CL_CODEC_MAX_TABLES in all, lets any message of records through and keeps a
-   * peer from making its receiver build tables much faster than it sends bytes. */
+   * the input as little as 1: without a limit, a 64 MiB frame of empty tables would
+   * cost its receiver 5 GB. */
   size_t tables_left;
   int depth;
   const char *err;
@@ -533,7 +524,7 @@ static int dec_table(decoder *d, uint64_t narr, uint64_t npairs, const unsigned 
   lua_State *L = d->L;
   size_t left = LEFT(d), claim;
   if (d->depth >= CL_CODEC_MAX_DEPTH) return dec_fail(d, "nesting deeper than 200", at);
-  if (d->tables_left == 0) return dec_fail(d, "more tables than the size allows", at);
+  if (d->tables_left == 0) return dec_fail(d, "more tables than a message may hold", at);
   d->tables_left--;
   if (narr > left || npairs > (left - narr) / 2) return dec_fail(d, "table counts exceed the input", at);
   claim = (size_t)narr + 2 * (size_t)npairs;
@@ -651,7 +642,7 @@ int cl_codec_decode(lua_State *L, const char *p, size_t len) {
   d.start = d.p = (const unsigned char *)p;
   d.end = d.start + len;
   d.owed = 0;
-  d.tables_left = table_budget(len);
+  d.tables_left = CL_CODEC_MAX_TABLES;
   d.depth = 0;
   d.err = NULL;
   d.erroff = 0;

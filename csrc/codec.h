@@ -5,8 +5,8 @@
 
 /* Deepest nesting of tables accepted by both sides. */
 #define CL_CODEC_MAX_DEPTH 200
-/* Most tables in one value (and at most one per 4 bytes of its encoding, plus 4096):
- * what a peer can make its receiver build stays near what it sends. */
+/* Most tables in one value, on both sides: what a peer can make its receiver build
+ * stays bounded (some 100 MB) whatever it sends. */
 #define CL_CODEC_MAX_TABLES (1 << 20)
 
 /* Appends the encoding of the value at idx to b. Returns 0, or -1 leaving b->len

@@ -289,11 +289,11 @@ describe("cluster errors", function()
     H.finish()
   end)
 
-  it("a worker cannot make the master build a flood of tables: a message of more tables than its size allows is refused", function()
-    -- 200,000 empty tables in a 200,005-byte message (an array, 0xcd, of 0xb0s)
+  it("a worker cannot make the master build a flood of tables: a message of more than 2^20 is refused", function()
+    -- 2^20 + 1 empty tables in a message of 1 MiB and 6 bytes (an array, 0xcd, of 0xb0s)
     cluster.setupMaster({ execPath = "/bin/sh", execArgv = { "-c",
-      "{ printf '\\105\\015\\003\\000\\000\\315\\300\\232\\014\\000'; " ..
-      "head -c 200000 /dev/zero | tr '\\000' '\\260'; } >&3; exec sleep 5", "sh" } })
+      "{ printf '\\006\\000\\020\\000\\000\\315\\201\\200\\100\\000'; " ..
+      "head -c 1048577 /dev/zero | tr '\\000' '\\260'; } >&3; exec sleep 5", "sh" } })
     local w = cluster.fork()
     cluster.setupMaster({ execPath = require("cluster.core").exepath(), execArgv = {} })
     local err
@@ -301,8 +301,9 @@ describe("cluster errors", function()
     w:on("message", H.expect(nil, 0))
     assert.is_true(H.wait_until(function() return err ~= nil end, 5000))
     assert.equal("EPROTO", err.code)
-    has(tostring(err), "more tables than the size allows")
+    has(tostring(err), "more tables than a message may hold")
     w:kill()
+    collectgarbage()
     H.finish()
   end)
 
