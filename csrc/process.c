@@ -197,10 +197,6 @@ static int l_spawn(lua_State *L) {
   o.cwd = cwd;
   o.stdio = stdio;
   o.stdio_count = 4;
-  /* A session of its own (setsid): the terminal's signals (Ctrl-C, Ctrl-Z, hang-up)
-   * reach the master only, which decides for its workers (a plain master ends and they
-   * follow it out; a supervisor stops them gracefully; the REPL keeps them running). */
-  o.flags |= UV_PROCESS_DETACHED;
   if (has_uid) { o.flags |= UV_PROCESS_SETUID; o.uid = (uv_uid_t)uid; }
   if (has_gid) { o.flags |= UV_PROCESS_SETGID; o.gid = (uv_gid_t)gid; }
 

@@ -20,6 +20,8 @@ end
 function M.install(cluster, id)
   cluster.isMaster, cluster.isPrimary, cluster.isWorker = false, false, true
   local master_pid = core.getppid()
+  -- the terminal's Ctrl-C and Ctrl-Z are for the master, which decides for its workers
+  core.own_process_group()
   -- a worker's own children are masters again
   core.setenv(require("cluster.master").WORKER_ENV, nil)
 

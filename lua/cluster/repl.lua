@@ -91,7 +91,7 @@ function M.start(cluster, options)
 
   -- Ctrl-C (SIGINT) at the prompt drops the statement being typed (a continued one too)
   -- and shows a fresh prompt; it does not end the process while the prompt is up. (The
-  -- workers run in sessions of their own: the terminal's Ctrl-C reaches the master only.)
+  -- workers run in process groups of their own: the terminal's Ctrl-C reaches the master only.)
   local interrupt = core.signal("SIGINT", function()
     buffer = nil
     core.readline_cancel(prompt)
