@@ -92,7 +92,10 @@ static void on_sigint(int sig) {
   lua_sethook(interrupt_L, interrupted, LUA_MASKCALL | LUA_MASKRET | LUA_MASKCOUNT, 1);
 }
 
+/* The message handler: a string gets the traceback, anything else goes back as it is
+ * (as debug.traceback does; the REPL shows it with tostring). */
 static int with_traceback(lua_State *L) {
+  if (lua_type(L, 1) != LUA_TSTRING) return 1;
   luaL_traceback(L, L, lua_tostring(L, 1), 1);
   return 1;
 }
