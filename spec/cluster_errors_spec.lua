@@ -362,10 +362,16 @@ describe("cluster errors", function()
     H.finish()
   end)
 
+  -- builds spec/fixtures/<name>.c into a file teardown removes
+  local function build_fixture(name)
+    local binary = H.tmpfile(name)
+    assert(os.execute(string.format("cc -o %s %s", H.shell_quote(binary), H.shell_quote(H.fixture(name .. ".c")))),
+      "cc could not build " .. name .. ".c")
+    return binary
+  end
+
   it("a batch of hand-offs that a read splits is waited for, not taken for a broken protocol (all 8 arrive)", function()
-    local binary = H.tmpfile("batch-split")
-    assert(os.execute(string.format("cc -o %s %s", H.shell_quote(binary), H.shell_quote(H.fixture("batch_split_master.c")))),
-      "cc could not build the fixture")
+    local binary = build_fixture("batch_split_master")
     for _, filler in ipairs { 1000, 65500 } do -- (65,500 bytes ahead: the 64 KiB read ends inside the batch)
       local out = H.tmpfile("batch-split-out")
       local ok = os.execute(string.format("cd %s && %s %d lua5.4 %s > %s 2>&1", H.shell_quote(H.ROOT), H.shell_quote(binary),
@@ -377,9 +383,7 @@ describe("cluster errors", function()
   end)
 
   it("descriptors sent with no message to carry them break the protocol: the worker's channel is dropped with an 'error'", function()
-    local binary = H.tmpfile("fd-without-frame")
-    assert(os.execute(string.format("cc -o %s %s", H.shell_quote(binary), H.shell_quote(H.fixture("fd_without_frame.c")))),
-      "cc could not build the fixture")
+    local binary = build_fixture("fd_without_frame")
     cluster.setupMaster({ execPath = binary, execArgv = {} })
     local w = cluster.fork()
     cluster.setupMaster({ execPath = require("cluster.core").exepath(), execArgv = {} })
