@@ -525,7 +525,8 @@ static void fail_channel(cl_channel *ch, const char *why) {
  * kind the kernel reports when type is UV_UNKNOWN_HANDLE (uv_pipe_pending_type costs
  * four system calls: isatty, fstat, getsockname, getsockopt). Pushes it and returns 1;
  * returns 0 when there is none. A descriptor of a kind we can't wrap fails the channel
- * (left pending, it would be paired with the next frame). */
+ * (left pending, it would be paired with the next frame). Descriptors are accepted in
+ * frame order, when their frame is read, so a handed connection's kind comes from it. */
 static int accept_pending(cl_channel *ch, uv_handle_type type) {
   lua_State *L = ch->h.L;
   uv_pipe_t *pipe = &ch->h.u.pipe;
@@ -544,13 +545,6 @@ static int accept_pending(cl_channel *ch, uv_handle_type type) {
   return 0;
 }
 
-/* Pushes the handle for the frame being parsed: descriptors are accepted in frame
- * order, when their frame is read, so a handed connection's kind comes from its frame. */
-static int pop_handle_typed(cl_channel *ch, uv_handle_type type) {
-  return accept_pending(ch, type);
-}
-
-static int pop_handle(cl_channel *ch) { return pop_handle_typed(ch, UV_UNKNOWN_HANDLE); }
 
 /* A hand-off frame. Returns 0 when the channel failed. */
 static int handle_conn_frame(cl_channel *ch, int flags, const char *p, uint32_t len) {
@@ -568,7 +562,7 @@ static int handle_conn_frame(cl_channel *ch, int flags, const char *p, uint32_t 
     fail_channel(ch, "received a malformed connection frame");
     return 0;
   }
-  if (!pop_handle_typed(ch, kind == 1 ? UV_TCP : UV_NAMED_PIPE)) {
+  if (!accept_pending(ch, kind == 1 ? UV_TCP : UV_NAMED_PIPE)) {
     /* The kernel drops descriptors a process has no room for (and truncates the rest of
      * that message's): the master still holds the connection and hands it on. */
     if (cl_handle_is_closing(&ch->h)) return 0;
@@ -672,7 +666,7 @@ static void parse_frames(cl_channel *ch) {
     }
     lua_remove(L, -2);
     if (flags & CL_FRAME_HANDLE) {
-      if (!pop_handle(ch)) {
+      if (!accept_pending(ch, UV_UNKNOWN_HANDLE)) {
         lua_pop(L, 3);
         fail_channel(ch, "a message announced a descriptor that did not arrive");
         return;

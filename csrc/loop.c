@@ -91,14 +91,11 @@ static int l_run(lua_State *L) {
   raise_pending(L);
   sigint_guard guard;
   sigint_default_begin(&guard);
-  while (run_loop(L, UV_RUN_DEFAULT, &guard) != 0) {
-    if (cl_take_error(L)) {
-      sigint_default_end(&guard);
-      return lua_error(L);
-    }
-    if (stop_requested) break;
-  }
+  int failed = 0;
+  while (!failed && run_loop(L, UV_RUN_DEFAULT, &guard) != 0 && !stop_requested)
+    failed = cl_take_error(L);
   sigint_default_end(&guard);
+  if (failed) return lua_error(L);
   raise_pending(L);
   lua_pushboolean(L, stop_requested);
   stop_requested = 0;

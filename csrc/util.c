@@ -274,10 +274,9 @@ int cl_take_error(lua_State *L) {
 /* libuv's name and text of an error, in the caller's buffers (uv_err_name and
  * uv_strerror leak a string for a code they do not know). */
 typedef struct { char name[48], text[128]; } err_words;
-static const err_words *describe(int uverr, err_words *w) {
+static void describe(int uverr, err_words *w) {
   uv_err_name_r(uverr, w->name, sizeof w->name);
   uv_strerror_r(uverr, w->text, sizeof w->text);
-  return w;
 }
 
 int cl_push_fail(lua_State *L, int uverr, const char *what) {

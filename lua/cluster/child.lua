@@ -88,16 +88,15 @@ function M.install(cluster, id)
 
   function internal.disconnect() graceful_disconnect() end
 
-  local takes_handle = require("cluster.sharing").ACTS_WITH_HANDLE
+  local kept = require("cluster.sharing").keptHandle
   channel:start(function(is_internal, msg, handle)
     if is_internal then
       local fn = type(msg) == "table" and internal[msg.act]
-      if handle and not (fn and takes_handle[msg.act]) then handle:close() handle = nil end
+      handle = kept(handle, fn and msg.act)
       if fn then fn(msg, handle) end
       return
     end
-    -- (an object the master sends comes as an internal "handle" message)
-    if handle then handle:close() handle = nil end
+    handle = kept(handle, nil) -- (nil: the master's objects come as internal "handle" messages)
     worker:emit("message", msg, handle)
   end, on_disconnect)
 

@@ -120,6 +120,15 @@ local ERRNO = { EPERM = 1, ENOENT = 2, EIO = 5, ENOEXEC = 8, EAGAIN = 11, ENOMEM
 local ERRNO_NAME = {}
 for name, n in pairs(ERRNO) do ERRNO_NAME[n] = name end
 
+-- The spawn error for `path`, which io could not use as `opened`: what it is, and io's
+-- message (without its file name) and errno.
+local function spawn_error(path, opened, what, msg, errno)
+  local code = ERRNO_NAME[errno] or "EIO"
+  local why = tostring(msg):gsub("^" .. opened:gsub("%p", "%%%0") .. ": ", "")
+  return errors.new(code, "spawn", string.format("spawn %s %s (%s: %s)", code, path, what, why),
+    { path = path, errno = errno and -errno })
+end
+
 -- nil when the worker script can be read, else an error object saying why not
 local function unreadable_script(path)
   local f, msg, errno = io.open(path, "r")
@@ -129,10 +138,7 @@ local function unreadable_script(path)
     if ok ~= nil or rmsg == nil then return nil end
     msg, errno = rmsg, rerrno
   end
-  local code = ERRNO_NAME[errno] or "EIO"
-  local why = tostring(msg):gsub("^" .. path:gsub("%p", "%%%0") .. ": ", "")
-  return errors.new(code, "spawn", string.format("spawn %s %s (cannot open the worker script: %s)",
-    code, path, why), { path = path, errno = errno and -errno })
+  return spawn_error(path, path, "cannot open the worker script", msg, errno)
 end
 
 -- nil when the directory `cwd` can be a worker's working directory, else an error object
@@ -140,10 +146,7 @@ end
 local function unusable_cwd(cwd)
   local f, msg, errno = io.open(cwd .. "/.", "r")
   if f then f:close() return nil end
-  local code = ERRNO_NAME[errno] or "EIO"
-  local why = tostring(msg):gsub("^.-: ", "")
-  return errors.new(code, "spawn", string.format("spawn %s %s (the working directory, settings.cwd: %s)",
-    code, cwd, why), { path = cwd, errno = errno and -errno })
+  return spawn_error(cwd, cwd .. "/.", "the working directory, settings.cwd", msg, errno)
 end
 
 --- Installs the master role into the cluster table.
@@ -287,16 +290,15 @@ function M.install(cluster)
     worker.exitedAfterDisconnect = true
   end
 
-  local takes_handle = require("cluster.sharing").ACTS_WITH_HANDLE
+  local kept = require("cluster.sharing").keptHandle
   local function on_message(worker, is_internal, msg, handle)
     if is_internal then
       local fn = type(msg) == "table" and internal[msg.act]
-      if handle and not (fn and takes_handle[msg.act]) then handle:close() handle = nil end
+      handle = kept(handle, fn and msg.act)
       if fn then fn(worker, msg, handle) end
       return
     end
-    -- (an object a user sends comes as an internal "handle" message)
-    if handle then handle:close() handle = nil end
+    handle = kept(handle, nil) -- (nil: a user's object comes as an internal "handle" message)
     worker:emit("message", msg, handle)
     cluster:emit("message", worker, msg, handle)
   end

@@ -94,9 +94,17 @@ local HANDLE_TYPES = {   -- kind -> the raw handle types it can be made of
 --- Turns a received raw handle into the object the sender had, or nil (the handle
 -- closed) when the message's kind does not fit the descriptor that came with it: what
 -- a peer sends must not be able to raise here.
--- The internal messages (by act) that take the descriptor they bring; any other
--- message's descriptor is closed as it arrives.
-M.ACTS_WITH_HANDLE = { handle = true, queryReply = true }
+-- The internal messages (by act) that take the descriptor they bring.
+local ACTS_WITH_HANDLE = { handle = true, queryReply = true }
+
+--- The descriptor a received message brought, when a message of its act (internal;
+-- nil for a user message, whose objects come as internal "handle" messages) takes one;
+-- any other is closed as it arrives. Internal, for both roles' channel readers.
+function M.keptHandle(handle, act)
+  if handle == nil or ACTS_WITH_HANDLE[act] then return handle end
+  handle:close()
+  return nil
+end
 
 function M.wrapHandle(kind, raw, udp_type)
   local mt = getmetatable(raw)
