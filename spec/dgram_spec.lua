@@ -183,6 +183,77 @@ describe("cluster.dgram", function()
     close_all(s)
   end)
 
+  it("calls send's callback with (nil, bytes) on success, as Node does", function()
+    local server, port = echo_socket()
+    local client = dgram.createSocket("udp4")
+    local args = {}
+    client:send("hello", port, "127.0.0.1", function(...) args[#args + 1] = table.pack(...) end)
+    client:send({ "ab", "cd" }, port, function(...) args[#args + 1] = table.pack(...) end)
+    client:send("", port, function(...) args[#args + 1] = table.pack(...) end)
+    assert.is_true(run_until(function() return #args == 3 end))
+    assert.are.same({ { n = 2, nil, 5 }, { n = 2, nil, 4 }, { n = 2, nil, 0 } }, args)
+    close_all(server, client)
+  end)
+
+  it("calls back the sends a close cancelled with ECANCELED, not success: as many datagrams arrive as callbacks said were sent, and 'close' comes after them all", function()
+    local server, port = echo_socket()
+    local received = 0
+    server:on("message", function() received = received + 1 end)
+    local client = dgram.createSocket("udp4")
+    client:bind(0, "127.0.0.1")
+    local sent, cancelled, other, closed_after = 0, 0, {}, nil
+    for _ = 1, 20 do
+      client:send("x", port, "127.0.0.1", function(err, bytes)
+        if err == nil and bytes == 1 then
+          sent = sent + 1
+        elseif err and err.code == "ECANCELED" and err.syscall == "send" and bytes == nil then
+          cancelled = cancelled + 1
+        else
+          other[#other + 1] = tostring(err) .. " " .. tostring(bytes)
+        end
+      end)
+    end
+    client:close(function() closed_after = sent + cancelled + #other end)
+    assert.is_true(run_until(function() return closed_after ~= nil end))
+    assert.are.same({}, other)
+    assert.are.equal(20, closed_after)
+    run_until(function() return received > sent end, 200)
+    assert.are.equal(sent, received)
+    close_all(server)
+  end)
+
+  it("drops the callback of a failed bind: a later bind that succeeds runs only its own, as in Node", function()
+    local holder, port = echo_socket()
+    local s = dgram.createSocket("udp4")
+    local events = {}
+    s:on("error", function(e) events[#events + 1] = "error " .. e.code end)
+    s:bind(port, "127.0.0.1", function() events[#events + 1] = "first callback" end)
+    assert.is_true(run_until(function() return #events == 1 end))
+    s:bind(0, "127.0.0.1", function() events[#events + 1] = "second callback" end)
+    assert.is_true(run_until(function() return #events == 2 end))
+    run_until(function() return #events > 2 end, 50)
+    assert.are.same({ "error EADDRINUSE", "second callback" }, events)
+    close_all(holder, s)
+  end)
+
+  it("stays binding until a failed bind is reported: a send made meanwhile gets the bind error and binds nowhere else; a second bind raises", function()
+    local holder, port = echo_socket()
+    local s = dgram.createSocket("udp4")
+    local events = {}
+    s:on("error", function(e) events[#events + 1] = "error " .. e.code end)
+    s:on("listening", function() events[#events + 1] = "listening" end)
+    s:bind(port, "127.0.0.1")
+    s:send("x", port, "127.0.0.1", function(err, bytes)
+      events[#events + 1] = "send " .. tostring(err and err.code) .. " " .. tostring(bytes)
+    end)
+    assert.has_error(function() s:bind(0) end, "socket:bind: the socket is already bound")
+    assert.is_true(run_until(function() return #events == 2 end))
+    run_until(function() return #events > 2 end, 50)
+    assert.are.same({ "send EADDRINUSE nil", "error EADDRINUSE" }, events)
+    assert.has_error(function() s:address() end, "socket:address: the socket is not bound")
+    close_all(holder, s)
+  end)
+
   it("close() emits 'close'; closing again and address() when unbound raise", function()
     local s = dgram.createSocket("udp4")
     assert.has_error(function() s:address() end, "socket:address: the socket is not bound")
@@ -222,6 +293,25 @@ describe("cluster.dgram", function()
     s:setTTL(32)
     s:setMulticastTTL(2)
     s:setMulticastLoopback(true)
+    close_all(s)
+  end)
+
+  it("option setters raise on bad arguments, naming the function and argument", function()
+    local s = dgram.createSocket("udp4")
+    s:bind(0, "127.0.0.1")
+    assert.has_error(function() s:setTTL("x") end,
+      "socket:setTTL: bad argument #1 (ttl): expected an integer, got string")
+    assert.has_error(function() s:setMulticastTTL(1.5) end,
+      "socket:setMulticastTTL: bad argument #1 (ttl): expected an integer, got number")
+    assert.has_error(function() s:addMembership() end,
+      "socket:addMembership: bad argument #1 (group): expected a string, got nil")
+    assert.has_error(function() s:dropMembership("239.1.2.3", 5) end,
+      "socket:dropMembership: bad argument #2 (interface): expected a string, got number")
+    local ok, err = pcall(s.setTTL, s, 0) -- out of range: the kernel's EINVAL, as in Node
+    assert.is_false(ok)
+    assert.are.equal("EINVAL", err.code)
+    assert.are.equal("setTTL", err.syscall)
+    s:setTTL(64.0)
     close_all(s)
   end)
 

@@ -26,6 +26,11 @@
 -- reports the same port); and that cluster.disconnect(cb) runs cb, every worker exits
 -- with code 0 and the shared port is free again.
 --
+-- Then two things Node's tests do not cover: a socket closed while its shared bind is
+-- still pending (its queued sends are called back with ECANCELED, nothing is sent, the
+-- master lets go of the socket it bound), and a shared bind the master could not make
+-- (its callback is dropped, as Node's dgram does: a later bind runs only its own).
+--
 -- The default policy (SCHED_RR) only: UDP does not depend on the policy.
 local cluster = require "cluster"
 local dgram = require "cluster.dgram"
@@ -233,6 +238,50 @@ describe("sharing, UDP (cluster.dgram)", function()
     -- the master holds no shared socket any more: the shared port is free
     local ok, err = bind_here(shared_port)
     assert.is_true(ok, tostring(err))
+    H.finish(WAIT)
+  end)
+
+  it("a worker's socket closed while its shared bind is pending: each queued send is called back with ECANCELED before 'close', none is sent, no 'listening' reaches the cluster and the master closes the socket it bound", function()
+    -- where the sends would go: a socket of this process that counts what arrives
+    local arrived = 0
+    local target = S.track(dgram.createSocket("udp4", function() arrived = arrived + 1 end))
+    local bound = false
+    target:bind(0, "127.0.0.1", function() bound = true end)
+    assert.is_true(H.wait_until(function() return bound end, WAIT))
+    local port = target:address().port
+    cluster.on("listening", H.expect(nil, 0))
+    local fds_before = S.settled_fd_count(core.getpid())
+
+    local w = fork(1, { DGRAM_TEST = "3", DGRAM_PORT = tostring(port), DGRAM_COUNT = "3" })[1]
+    w:on("exit", H.expect(nil, 1))
+    local r = take(w, "cancelled")
+    assert(r, "the worker's socket never closed")
+    local cancelled = "send ECANCELED 127.0.0.1:" .. port
+    assert.same({ cancelled, cancelled, cancelled, "close" }, r.events)
+    assert.is_nil(take(w, "bound", 0))
+    assert.is_nil(take(w, "error", 0))
+
+    w:disconnect()
+    local code = S.wait_exit(w, WAIT)
+    assert.equal(0, code)
+    H.run_for(100)
+    assert.equal(0, arrived)
+    -- the master closed the socket it bound for the worker (and the channel is gone)
+    assert.equal(fds_before, S.settled_fd_count(core.getpid()))
+    H.finish(WAIT)
+  end)
+
+  it("a worker's bind the master could not make drops its callback: the worker's next bind runs only its own, as in Node", function()
+    local port = free_udp_port()
+    local held, held_err = bind_here(port) -- this process holds the port: the master's bind fails
+    assert.is_true(held, tostring(held_err))
+    local w = fork(1, { DGRAM_TEST = "4", DGRAM_PORT = tostring(port) })[1]
+    w:on("exit", H.expect(nil, 1))
+    local r = take(w, "rebound")
+    assert(r, "the worker never bound again")
+    assert.same({ "error EADDRINUSE", "callback second" }, r.events)
+    w:disconnect()
+    assert.equal(0, (S.wait_exit(w, WAIT)))
     H.finish(WAIT)
   end)
 end)

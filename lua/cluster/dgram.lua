@@ -85,7 +85,9 @@ end
 --- Binds the socket: `socket:bind([port][, address][, callback])` or
 -- `socket:bind({port=, address=, exclusive=}[, callback])`. Port 0 (or none) picks a free
 -- port; address defaults to every interface. `callback` runs on `'listening'`; failures
--- reach `'error'` (syscall `"bind"`, with `address` and `port`).
+-- reach `'error'` (syscall `"bind"`, with `address` and `port`) and drop the callback, as
+-- in Node: a later bind that succeeds does not run it. Until the failure is reported the
+-- socket is still binding (sends wait, a second bind raises).
 -- @treturn Socket self
 function Socket:bind(...)
   local fname = "socket:bind"
@@ -109,7 +111,12 @@ function Socket:bind(...)
   end
   opts.address = normalize_host(self, opts.address or default_address(self))
   opts.type, opts.reuseAddr, opts.ipv6Only = self.type, self._reuseAddr, self._ipv6Only
-  if cb then self:once("listening", cb) end
+  if cb then
+    -- a listener of its own, so that a failure removes this one and no other
+    local function on_listening() return cb() end
+    self._bindCallback = on_listening
+    self:once("listening", on_listening)
+  end
   self._state = "binding"
   local cluster = package.loaded["cluster"]
   if type(cluster) == "table" and cluster.isWorker and not opts.exclusive and cluster._shareBind then
@@ -123,7 +130,6 @@ function Socket:bind(...)
     if not ok then h:close() end
   end
   if not ok then
-    self._state = "unbound"
     local err = uv_error(code, "bind", opts.address .. ":" .. opts.port,
                          { address = opts.address, port = opts.port })
     defer(function() self:_failBind(err) end)
@@ -133,17 +139,29 @@ function Socket:bind(...)
   return self
 end
 
---- Reports a failed bind: flushes queued sends with the error and emits `'error'`.
--- Internal (the cluster layer uses it when the master could not bind).
+-- Fails sends queued while binding ({msg, port, address, callback} each): calls back
+-- each with error_of(entry).
+local function fail_queued(q, error_of)
+  for i = 1, #q do
+    if q[i][4] then q[i][4](error_of(q[i])) end
+  end
+end
+
+-- The error of a send queued while binding that a close cancelled.
+local function cancelled(entry)
+  local address, port = entry[3], entry[2]
+  return uv_error("ECANCELED", "send", address .. ":" .. port, { address = address, port = port })
+end
+
+--- Reports a failed bind: drops the bind callback, flushes queued sends with the error
+-- and emits `'error'`. Internal (the cluster layer uses it when the master could not bind).
 function Socket:_failBind(err)
   if self._state == "binding" then self._state = "unbound" end
+  if self._bindCallback then self:off("listening", self._bindCallback) end
+  self._bindCallback = nil
   local q = self._queue
   self._queue = nil
-  if q then
-    for i = 1, #q do
-      if q[i][4] then q[i][4](err) end
-    end
-  end
+  if q then fail_queued(q, function() return err end) end
   if self._state == "closed" then return end
   emit_error(self, err)
 end
@@ -160,6 +178,7 @@ function Socket:_adoptHandle(h, silent)
   end
   self._handle = h
   self._state = "bound"
+  self._bindCallback = nil
   if self._unref then h:unref() end
   local ok, _, code = h:recv_start(function(err, data, rinfo)
     if err then return emit_error(self, err) end
@@ -180,14 +199,16 @@ end
 
 function Socket:_send(msg, port, address, cb)
   local ok, _, code = self._handle:send(msg, address, port, function(err)
-    if err and err.code == "ECANCELED" and self._state == "closed" then err = nil end
-    if cb then return cb(err) end
-    if err then emit_error(self, err) end
+    if cb then
+      if err then return cb(err) end -- ECANCELED: the socket closed before it went out
+      return cb(nil, #msg)
+    end
+    if err and self._state ~= "closed" then emit_error(self, err) end
   end)
   if not ok then
     local err = uv_error(code, "send", address .. ":" .. port, { address = address, port = port })
     defer(function()
-      if cb then cb(err) else emit_error(self, err) end
+      if cb then cb(err) elseif self._state ~= "closed" then emit_error(self, err) end
     end)
   end
 end
@@ -195,7 +216,9 @@ end
 --- Sends one datagram: `socket:send(msg, port[, address][, callback])`. `msg` is a
 -- string or a list of strings (sent as one datagram). The address defaults to
 -- localhost; an unbound socket is bound to a random port first.
--- `callback(err)` runs once the datagram is sent; without it, failures reach `'error'`.
+-- `callback(err, bytes)` runs once the datagram is sent (`bytes`, its size, on success;
+-- `err` with code `"ECANCELED"` when the socket closed while still binding); without
+-- it, failures reach `'error'` (as Node's documentation says).
 -- @treturn Socket self
 function Socket:send(msg, port, address, callback)
   local fname = "socket:send"
@@ -220,11 +243,6 @@ function Socket:send(msg, port, address, callback)
     self._queue[#self._queue + 1] = { msg, p, address, callback }
     return self
   end
-  if self._state ~= "bound" then
-    -- the implicit bind failed; its error is on the way
-    if callback then defer(callback, uv_error("EBADF", "send")) end
-    return self
-  end
   self:_send(msg, p, address, callback)
   return self
 end
@@ -238,6 +256,10 @@ function Socket:close(callback)
   if self._state == "closed" then error("socket:close: the socket is not running", 2) end
   if callback then self:once("close", callback) end
   self._state = "closed"
+  -- sends waiting for a bind that had not finished: never sent (called back before 'close')
+  local q = self._queue
+  self._queue = nil
+  if q then defer(fail_queued, q, cancelled) end
   local h = self._handle
   self._handle = nil
   local function closed() self:emit("close") end
@@ -258,36 +280,46 @@ function Socket:address()
   return a
 end
 
-local function option(fname, method)
-  return function(self, ...)
-    local ok, _, code = check_bound(self, fname)[method](self._handle, ...)
+-- The argument of an option setter: a flag (any value, as in Node) or an integer.
+local function flag(_, v) return v and true or false end
+local function integer(fname, v, name)
+  local n = math_type(v) == "float" and math_tointeger(v) or v
+  if math_type(n) ~= "integer" then typeerror(fname, 1, name, "an integer", v) end
+  return n
+end
+
+local function option(fname, method, arg, name)
+  return function(self, v)
+    v = arg(fname, v, name)
+    local ok, _, code = check_bound(self, fname)[method](self._handle, v)
     if not ok then error(uv_error(code, fname:match(":(.*)")), 2) end
     return self
   end
 end
 
 --- Allows sending to broadcast addresses. @tparam boolean flag
-Socket.setBroadcast = option("socket:setBroadcast", "set_broadcast")
---- Sets the unicast TTL. @tparam integer ttl
-Socket.setTTL = option("socket:setTTL", "set_ttl")
---- Sets the multicast TTL. @tparam integer ttl
-Socket.setMulticastTTL = option("socket:setMulticastTTL", "set_multicast_ttl")
+Socket.setBroadcast = option("socket:setBroadcast", "set_broadcast", flag)
+--- Sets the unicast TTL (1..255). @tparam integer ttl
+Socket.setTTL = option("socket:setTTL", "set_ttl", integer, "ttl")
+--- Sets the multicast TTL (0..255). @tparam integer ttl
+Socket.setMulticastTTL = option("socket:setMulticastTTL", "set_multicast_ttl", integer, "ttl")
 --- Enables multicast loopback. @tparam boolean flag
-Socket.setMulticastLoopback = option("socket:setMulticastLoopback", "set_multicast_loop")
+Socket.setMulticastLoopback = option("socket:setMulticastLoopback", "set_multicast_loop", flag)
+
+local function membership(fname, join)
+  return function(self, group, iface)
+    if type(group) ~= "string" then typeerror(fname, 1, "group", "a string", group) end
+    if iface ~= nil and type(iface) ~= "string" then typeerror(fname, 2, "interface", "a string", iface) end
+    local ok, _, code = check_bound(self, fname):set_membership(group, iface, join)
+    if not ok then error(uv_error(code, fname:match(":(.*)")), 2) end
+    return self
+  end
+end
 
 --- Joins a multicast group. @tparam string group @tparam[opt] string interface
-function Socket:addMembership(group, iface)
-  local ok, _, code = check_bound(self, "socket:addMembership"):set_membership(group, iface, true)
-  if not ok then error(uv_error(code, "addMembership"), 2) end
-  return self
-end
-
+Socket.addMembership = membership("socket:addMembership", true)
 --- Leaves a multicast group. @tparam string group @tparam[opt] string interface
-function Socket:dropMembership(group, iface)
-  local ok, _, code = check_bound(self, "socket:dropMembership"):set_membership(group, iface, false)
-  if not ok then error(uv_error(code, "dropMembership"), 2) end
-  return self
-end
+Socket.dropMembership = membership("socket:dropMembership", false)
 
 -- Socket:unref() / Socket:ref(): whether the open socket keeps the loop alive
 loop.refMethods(Socket)
