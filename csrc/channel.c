@@ -468,14 +468,10 @@ static int ch_answer(lua_State *L) {
   return 0;
 }
 
-/* ch:flush_sync([timeout_ms]): writes what is pending now, blocking up to the timeout.
- * For exit paths only; gives up when libuv already holds queued writes. */
-static int ch_flush_sync(lua_State *L) {
-  cl_channel *ch = check_channel(L, 1);
-  lua_Integer ms = luaL_optinteger(L, 2, 1000);
-  luaL_argcheck(L, ms >= 0 && ms <= INT_MAX, 2, "timeout out of range");
-  int timeout = (int)ms;
-  if (uv_stream_get_write_queue_size(&ch->h.u.stream) != 0) { flush(ch, 0); lua_pushboolean(L, 0); return 1; }
+/* Writes `out` directly, waiting for room up to timeout ms each time the pipe is full;
+ * whatever is written leaves `out`. True when all of it went. The caller makes sure
+ * libuv holds no queued writes, which would have to go first. */
+static int write_out_blocking(cl_channel *ch, int timeout) {
   uv_os_fd_t fd;
   uv_fileno(&ch->h.u.handle, &fd);
   size_t off = 0;
@@ -487,9 +483,19 @@ static int ch_flush_sync(lua_State *L) {
     struct pollfd pfd = { .fd = fd, .events = POLLOUT };
     if (poll(&pfd, 1, timeout) <= 0) break;
   }
-  int done = off == ch->out.len;
   if (off > 0) memmove(ch->out.data, ch->out.data + off, ch->out.len - off);
   ch->out.len -= off;
+  return ch->out.len == 0;
+}
+
+/* ch:flush_sync([timeout_ms]): writes what is pending now, blocking up to the timeout.
+ * For exit paths only; gives up when libuv already holds queued writes. */
+static int ch_flush_sync(lua_State *L) {
+  cl_channel *ch = check_channel(L, 1);
+  lua_Integer ms = luaL_optinteger(L, 2, 1000);
+  luaL_argcheck(L, ms >= 0 && ms <= INT_MAX, 2, "timeout out of range");
+  if (uv_stream_get_write_queue_size(&ch->h.u.stream) != 0) { flush(ch, 0); lua_pushboolean(L, 0); return 1; }
+  int done = write_out_blocking(ch, (int)ms);
   if (done) {
     int cbs = ch->out_cbs;
     ch->out_cbs = LUA_NOREF;
@@ -499,6 +505,20 @@ static int ch_flush_sync(lua_State *L) {
   }
   lua_pushboolean(L, done);
   return 1;
+}
+
+/* At exit(3): os.exit() ends the process before the loop's next turn would write what
+ * the script sent last (a worker's cluster.worker:send(m) followed by os.exit(3)). The
+ * frames still in a channel's buffer are written here, up to a second's wait for each
+ * (Node's pipe writes are synchronous, so its last message arrives too). No Lua runs:
+ * the state may be closed already, and send callbacks are not called. Frames libuv
+ * already queued stay unwritten, as do those after them. */
+static void flush_channels_at_exit(void) {
+  for (cl_channel *ch = flush_list; ch != NULL; ch = ch->next_pending) {
+    if (ch->out.len > 0 && !cl_handle_is_closing(&ch->h)
+        && uv_stream_get_write_queue_size(&ch->h.u.stream) == 0)
+      write_out_blocking(ch, 1000);
+  }
 }
 
 /* ---- receiving ---- */
@@ -861,6 +881,8 @@ void cl_open_channel(lua_State *L) {
     {"fileno", cl_handle_fileno_method}, {NULL, NULL}};
   cl_handle_register(L, TNAME, methods);
   cl_set_mark(L, TNAME, &CHANNEL_MARK);
+  static int exit_flush_registered = 0;
+  if (!exit_flush_registered && atexit(flush_channels_at_exit) == 0) exit_flush_registered = 1;
   lua_pushcfunction(L, l_channel_open);
   lua_setfield(L, -2, "channel_open");
 }

@@ -78,6 +78,44 @@ describe("cluster lifecycle", function()
     H.finish()
   end)
 
+  it("emits 'exit' after everything the worker wrote before it died: its 'online' and messages come first, then 'disconnect'", function()
+    -- The worker's process is a shell that exits at once, leaving its channel to a
+    -- background lua5.4 that loads cluster (which sends 'online') 200 ms later.
+    local master = require "cluster.master"
+    local drain = master.EXIT_DRAIN_MS
+    master.EXIT_DRAIN_MS = 10000
+    local lua = require("cluster.core").exepath()
+    cluster.setupMaster { execPath = "/bin/sh", execArgv = { "-c",
+      H.shell_quote(lua) .. [[ -e "os.execute('sleep 0.2')" "$0" "$1" "$2" & exit 0]] },
+      exec = H.fixture("life_late_online.lua") }
+    local w = cluster.fork()
+    cluster.setupMaster { execPath = lua, execArgv = {} }
+    local seen = {}
+    for _, name in ipairs { "online", "message", "disconnect", "exit" } do
+      w:on(name, function() seen[#seen + 1] = name .. ":" .. w.state end)
+    end
+    local ok = H.wait_until(function() return w:isDead() and not w:isConnected() end, 5000)
+    master.EXIT_DRAIN_MS = drain
+    assert.is_true(ok)
+    assert.same({ "online:online", "message:online", "disconnect:disconnected", "exit:dead" }, seen)
+    H.finish()
+  end)
+
+  it("in a worker, each of the master's functions raises an error that names it", function()
+    cluster.setupMaster { exec = H.fixture("life_master_only.lua") }
+    local w = cluster.fork()
+    local raised
+    w:on("message", H.expect(function(m) raised = m end))
+    assert.is_true(H.wait_until(function() return w:isDead() and not w:isConnected() end, 5000))
+    for _, name in ipairs { "fork", "autoFork", "setupMaster", "setupPrimary", "disconnect" } do
+      assert.equal("string", type(raised[name]), name)
+      assert.equal(name .. ": ", raised[name]:match("^[%w]+: "), raised[name])
+    end
+    assert.truthy(raised.fork:find("only the master forks", 1, true))
+    assert.truthy(raised.disconnect:find("cluster.worker:disconnect()", 1, true))
+    H.finish()
+  end)
+
   it("runs a worker's own listeners before the cluster's for the same event", function()
     local order = {}
     -- the cluster listeners are added first: the worker's still run first

@@ -55,7 +55,7 @@ describe("cluster errors", function()
     has(raised(cluster.setupMaster, { args = { {} } }), "setupMaster", "args", "item 1")
     has(raised(cluster.setupMaster, { silent = "yes" }), "setupMaster", "silent", "boolean")
     has(raised(cluster.setupMaster, { uid = 1.5 }), "setupMaster", "uid", "integer")
-    has(raised(cluster.setupPrimary, { cwd = false }), "setupMaster", "cwd")
+    has(raised(cluster.setupPrimary, { cwd = false }), "setupPrimary", "cwd")
     -- a rejected call changes nothing
     assert.equal(H.fixture("worker.lua"), cluster.settings.exec)
     H.finish()

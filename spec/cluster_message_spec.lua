@@ -268,6 +268,41 @@ describe("cluster messages", function()
     H.finish()
   end)
 
+  it("a worker's send without a callback after its channel closed gives ERR_IPC_CHANNEL_CLOSED on cluster.worker's 'error', or on stderr with no listener", function()
+    w:kill()
+    cluster.setupMaster { exec = H.fixture("life_send_closed.lua"), silent = true }
+    local heard = cluster.fork({ FIXTURE_LISTEN = "1" })
+    local unheard = cluster.fork()
+    cluster.setupMaster { silent = false }
+    local codes, stderr = {}, {}
+    cluster.on("output", function(v, stream, line)
+      if v == unheard and stream == "stderr" then stderr[#stderr + 1] = line end
+    end)
+    for _, v in ipairs { heard, unheard } do
+      v:on("online", function() v:disconnect() end)
+      v:on("exit", function(code) codes[v] = code end)
+    end
+    assert.is_true(H.wait_until(function() return codes[heard] and codes[unheard] end, 5000))
+    assert.equal(7, codes[heard])
+    assert.equal(0, codes[unheard])
+    assert.same({ ("cluster: worker %d: channel closed"):format(unheard.id) }, stderr)
+    H.finish()
+  end)
+
+  it("a worker's last messages before os.exit() reach the master, before its 'exit' (as Node's synchronous pipe writes deliver them)", function()
+    w:kill()
+    cluster.setupMaster { exec = H.fixture("life_send_then_exit.lua") }
+    local v = cluster.fork()
+    cluster.setupMaster { exec = H.fixture("worker.lua") }
+    local got, code = {}, nil
+    v:on("message", function(m) got[#got + 1] = #m end)
+    v:on("exit", function(c) code = c end)
+    assert.is_true(H.wait_until(function() return code ~= nil end, 5000))
+    assert.equal(3, code)
+    assert.same({ 3, 1 << 20 }, got)
+    H.finish()
+  end)
+
   it("worker:send returns true while connected", function()
     assert.is_true(w:send("x"))
     w:kill()

@@ -56,6 +56,17 @@ describe("workers of a dead master", function()
     H.finish()
   end)
 
+  it("end when the master died before they loaded the cluster module, even stuck in `while true do end`", function()
+    local m = H.spawn_master(H.fixture("life_master_early_death.lua"), { "2" })
+    assert.is_true(H.wait_until(function() return H.master_status(m) ~= nil end, 5000))
+    local pids = {}
+    for pid in (H.read_file(m.out) or ""):gmatch("worker (%d+)\n") do pids[#pids + 1] = H.track(pid) end
+    assert.equal(2, #pids)
+    assert.is_true(H.wait_until(all_gone(pids), 5000), "a worker outlived a master that died before it started")
+    H.cleanup_master(m)
+    H.finish()
+  end)
+
   it("primary-kill (Node test-cluster-primary-kill): when the master exits on purpose with code 0, its workers end", function()
     local m = start_master("idle", "exit", 1)
     assert.is_true(H.wait_until(function() return H.master_status(m) ~= nil end, 5000))

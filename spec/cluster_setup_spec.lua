@@ -232,6 +232,31 @@ describe("cluster settings", function()
     H.finish()
   end)
 
+  it("raises for a uid or gid outside uid_t (negative, or beyond 32 bits) instead of truncating it to another user", function()
+    cluster.setupMaster({ exec = WORKER })
+    local before = { uid = cluster.settings.uid, gid = cluster.settings.gid }
+    for _, field in ipairs { "uid", "gid" } do
+      for _, bad in ipairs { -1, 1 << 32, (1 << 32) + 1, math.maxinteger } do
+        local ok, err = pcall(cluster.setupMaster, { [field] = bad })
+        assert.is_false(ok, field .. " = " .. bad)
+        assert.equal(("setupMaster: bad field '%s' in settings: expected an integer from 0 to 4294967294, got %d")
+          :format(field, bad), err)
+      end
+    end
+    assert.same(before, { uid = cluster.settings.uid, gid = cluster.settings.gid })
+    H.run_for(20)   -- let the 'setup' event pass
+    H.finish()
+  end)
+
+  it("names the function the user called in argument errors: setupPrimary as well as setupMaster", function()
+    for _, name in ipairs { "setupMaster", "setupPrimary" } do
+      local ok, err = pcall(cluster[name], { exec = 5 })
+      assert.is_false(ok)
+      assert.equal(name .. ": bad field 'exec' in settings: expected string, got number", err)
+    end
+    H.finish()
+  end)
+
   it("silent: the worker's stdout and stderr do not reach the master's", function()
     local quiet = H.spawn_master(H.fixture("master_silent.lua"), { "silent" })
     local loud = H.spawn_master(H.fixture("master_silent.lua"), { "loud" })

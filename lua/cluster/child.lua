@@ -44,12 +44,22 @@ function M.install(cluster, id)
   end
   cluster._sendInternal = function(_, msg, handle, callback) return send_internal(msg, handle, callback) end
 
+  -- 'error' on cluster.worker, or a line on stderr when nobody listens (the master's rule
+  -- for its Worker objects)
+  local function report_error(err)
+    if worker:listenerCount("error") > 0 then
+      worker:emit("error", err)
+    else
+      io.stderr:write(string.format("cluster: worker %d: %s\n", worker.id, tostring(err)))
+    end
+  end
+
   local function on_disconnect(reason)
     if not connected then return end
     connected = false
     cluster._channel = nil
-    if reason and worker:listenerCount("error") > 0 then
-      worker:emit("error", errors.new("EPROTO", "channel", "channel EPROTO: " .. reason, { errno = errors.EPROTO }))
+    if reason then
+      report_error(errors.new("EPROTO", "channel", "channel EPROTO: " .. reason, { errno = errors.EPROTO }))
     end
     if rawget(worker, "exitedAfterDisconnect") == nil then worker.exitedAfterDisconnect = false end
     worker.state = "disconnected"
@@ -121,7 +131,7 @@ function M.install(cluster, id)
   function impl.send(_, message, handle, callback)
     if not connected then
       local err = errors.new("ERR_IPC_CHANNEL_CLOSED", "send", "channel closed")
-      if callback then loop.defer(callback, err) end
+      if callback then loop.defer(callback, err) else loop.defer(report_error, err) end
       return false
     end
     if handle ~= nil then return cluster._sendWithHandle(nil, message, handle, callback) end
@@ -144,17 +154,18 @@ function M.install(cluster, id)
   function impl.isDead() return false end
   function impl.isConnected() return connected end
 
-  function cluster.fork()
-    error("fork: cannot fork from a worker (cluster.isWorker is true); only the master forks", 2)
+  -- the master's functions raise in a worker, each naming itself
+  local function master_only(fname, why)
+    return function() error(fname .. ": " .. why, 2) end
   end
-  function cluster.setupMaster()
-    error("setupMaster: cannot be called from a worker; only the master forks", 2)
-  end
-  cluster.setupPrimary = cluster.setupMaster
-  function cluster.disconnect()
-    error("disconnect: cluster.disconnect() is a master function; in a worker use cluster.worker:disconnect()", 2)
-  end
-  cluster.autoFork = cluster.fork
+  local NO_FORK = "cannot fork from a worker (cluster.isWorker is true); only the master forks"
+  local NO_SETUP = "cannot be called from a worker; only the master forks"
+  cluster.fork = master_only("fork", NO_FORK)
+  cluster.autoFork = master_only("autoFork", NO_FORK)
+  cluster.setupMaster = master_only("setupMaster", NO_SETUP)
+  cluster.setupPrimary = master_only("setupPrimary", NO_SETUP)
+  cluster.disconnect = master_only("disconnect",
+    "cluster.disconnect() is a master function; in a worker use cluster.worker:disconnect()")
 
   require("cluster.sharing").installWorker(cluster)
   require("cluster.signals").install(cluster)   -- cluster.on("SIGTERM", fn) in a worker too
@@ -172,7 +183,10 @@ function M.install(cluster, id)
   end
 
   send_internal({ act = "online" })
-  channel:flush_sync(1000)
+  -- A fresh channel takes this one small message at once unless the master's end is
+  -- closed: the master died before this worker got here, so master_pid above is already
+  -- the reaper's and the parent watch would never fire. End as an orphaned worker does.
+  if not channel:flush_sync(1000) then os.exit(0) end
 end
 
 return M

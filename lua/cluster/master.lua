@@ -60,6 +60,9 @@ local function default_settings()
   return s
 end
 
+-- uid_t and gid_t are 32 bits; (uid_t)-1 means "leave it as it is" to setuid/setgid
+local MAX_ID = 0xFFFFFFFE
+
 local function check_settings(fname, s)
   if s == nil then return {} end
   if type(s) ~= "table" then
@@ -72,6 +75,10 @@ local function check_settings(fname, s)
       if got ~= want then
         errors.raise(string.format("%s: bad field '%s' in settings: expected %s, got %s", fname, k, want,
           want == "integer" and (math.type(v) or type(v)) or type(v)))
+      end
+      if want == "integer" and (v < 0 or v > MAX_ID) then
+        errors.raise(string.format("%s: bad field '%s' in settings: expected an integer from 0 to %d, got %d",
+          fname, k, MAX_ID, v))
       end
       if want == "table" then
         for i, a in ipairs(v) do
@@ -187,7 +194,8 @@ function M.install(cluster)
 
   --- Changes the settings used by later forks; 'setup' fires on every call.
   function cluster.setupMaster(s) setup("setupMaster", s) end
-  cluster.setupPrimary = cluster.setupMaster
+  --- The same as setupMaster (Node's newer name).
+  function cluster.setupPrimary(s) setup("setupPrimary", s) end
 
   local function remove_worker(worker)
     if cluster.workers[worker.id] == worker then
@@ -223,22 +231,10 @@ function M.install(cluster)
 
   local on_disconnect
 
-  local function on_exit(worker, code, signal)
+  local function emit_exit(worker, code, signal)
     worker._dead = true
-    if not worker._connected then
-      remove_worker(worker)
-      cluster._all[worker.id] = nil
-    else
-      -- The process is gone but its channel is open: a process it started may hold the
-      -- channel's descriptor. Read what the worker wrote before it died, then stop
-      -- waiting for an end of file that only that other process's exit would bring.
-      loop.setTimeout(function()
-        if worker._connected and worker._channel then
-          worker._channel:close()
-          on_disconnect(worker, nil)
-        end
-      end, M.EXIT_DRAIN_MS)
-    end
+    remove_worker(worker)
+    cluster._all[worker.id] = nil
     worker.exitedAfterDisconnect = worker.exitedAfterDisconnect == true
     worker.state = "dead"
     worker:emit("exit", code, signal)
@@ -248,6 +244,20 @@ function M.install(cluster)
     if cluster._onSupervisedExit then cluster._onSupervisedExit(worker, code, signal) end
   end
 
+  -- The process is gone. While its channel is open, what the worker wrote before it died
+  -- (its 'online', 'listening', last messages) is still to be read: 'exit' waits for the
+  -- channel's end, so that it comes after all of them, as the order fork < online <
+  -- listening < {disconnect, exit} promises. A process the worker started may hold the
+  -- channel's descriptor: stop waiting for that end of file after EXIT_DRAIN_MS.
+  local function on_exit(worker, code, signal)
+    worker._exited = true
+    if not worker._connected then return emit_exit(worker, code, signal) end
+    worker._pendingExit = { code, signal, loop.setTimeout(function()
+      worker._channel:close()
+      on_disconnect(worker, nil)
+    end, M.EXIT_DRAIN_MS) }
+  end
+
   function on_disconnect(worker, reason)
     if not worker._connected then return end
     worker._connected = false
@@ -255,15 +265,15 @@ function M.install(cluster)
       report_error(worker, errors.new("EPROTO", "channel", "channel EPROTO: " .. reason, { errno = errors.EPROTO }))
     end
     if cluster._onWorkerDisconnected then cluster._onWorkerDisconnected(worker) end
-    if worker._dead then
-      remove_worker(worker)
-      cluster._all[worker.id] = nil
-    end
+    local pending = worker._pendingExit
+    worker._pendingExit = nil
+    if pending then loop.clearTimeout(pending[3]) end
     worker.exitedAfterDisconnect = worker.exitedAfterDisconnect == true
     worker.state = "disconnected"
     worker:emit("disconnect")
     cluster:emit("disconnect", worker)
     check_all_disconnected()
+    if pending then emit_exit(worker, pending[1], pending[2]) end
   end
 
   local internal = {}
@@ -324,9 +334,9 @@ function M.install(cluster)
   cluster._sendInternal = impl.sendInternal
 
   function impl.kill(worker, signal)
-    if worker._dead or not worker._proc then return end
+    if worker._exited or not worker._proc then return end
     local ok, err = worker._proc:kill(signal or "SIGTERM")
-    if not ok and worker._dead == nil then report_error(worker, err) end
+    if not ok and not worker._exited then report_error(worker, err) end
   end
 
   function impl.disconnect(worker)
