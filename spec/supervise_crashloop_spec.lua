@@ -71,6 +71,36 @@ describe("supervise: crash loops", function()
     H.finish()
   end)
 
+  it("\"retry\" pauses every restart, those of the other workers too", function()
+    local m = R.start_master(H, [[
+      local cluster, lib = ...
+      return {
+        workers = 3, restart = "permanent", env = { SUP_MODE = "crash", SUP_CODE = "2", SUP_DELAY = "50" },
+        backoff = { initial = 10, factor = 1, max = 10, reset = 60000 },
+        intensity = 3, period = 10, crashLoopPause = 1500, grace = 100, killTimeout = 100,
+      }
+    ]])
+    assert.is_true(H.wait_until(m.has("crashloop"), 5000), m.output())
+    -- every worker has crashed again by now; none is restarted until the pause is over
+    H.run_for(1000)
+    local loop_at = m.all("crashloop")[1].t
+    assert.equal(1, m.count("crashloop"), m.output())
+    for _, e in ipairs(m.all("respawn")) do
+      assert.is_false(e.t > loop_at and e.t < loop_at + 1400, "restarted during the pause\n" .. m.output())
+    end
+    -- then all three come back
+    assert.is_true(H.wait_until(function()
+      local n = 0
+      for _, e in ipairs(m.all("respawn")) do if e.t > loop_at then n = n + 1 end end
+      return n >= 3
+    end, 3000), m.output())
+    core.kill(m.pid, "SIGTERM")
+    assert.equal(0, m.wait_exit())
+    assert.is_true(H.wait_until(function() return all_gone(m.pids()) end, 2000))
+    H.cleanup_master(m)
+    H.finish()
+  end)
+
   it("\"hold\": no more restarts, the master stays up, says so on stderr and fires 'hold'; SIGHUP or SIGTTIN resumes", function()
     local control = H.tmpname("control")
     R.write(control, "crash")
@@ -124,12 +154,72 @@ describe("supervise: crash loops", function()
     H.finish()
   end)
 
+  it("\"hold\" then a resume: the restarts before the hold no longer count", function()
+    local control = H.tmpname("control")
+    R.write(control, "crash")
+    local m = R.start_master(H, [[
+      local cluster = ...
+      -- once resumed and ready, the worker fails once: a restart, not a crash loop
+      cluster.on("ready", function(w) w:send({ cmd = "exit", code = 1 }) cluster.removeAllListeners("ready") end)
+      return {
+        workers = 1, restart = "permanent", readiness = "explicit", env = { SUP_CONTROL = "]] .. control .. [[" },
+        backoff = { initial = 10, factor = 1, max = 10, reset = 60000 },
+        intensity = 3, period = 60, grace = 100, killTimeout = 100,
+        onCrashLoop = function() return "hold" end,
+      }
+    ]])
+    assert.is_true(H.wait_until(m.has("hold"), 5000), m.output())
+    R.write(control, "ready")
+    core.kill(m.pid, "SIGTTIN")
+    assert.is_true(H.wait_until(m.has("respawn", 4), 3000), m.output())
+    H.run_for(300)
+    assert.equal(1, m.count("hold"), m.output())
+    assert.equal(1, m.count("crashloop"), m.output())
+    core.kill(m.pid, "SIGTERM")
+    assert.equal(0, m.wait_exit(), m.output())
+    assert.is_true(H.wait_until(function() return all_gone(m.pids()) end, 2000))
+    H.cleanup_master(m)
+    os.remove(control)
+    H.finish()
+  end)
+
   it("\"exit\" with a code: the master stops its workers and exits with that code", function()
     local m = R.start_master(H, chunk [[ onCrashLoop = function() return "exit", 7 end, ]])
     assert.equal(7, m.wait_exit(5000), m.output())
     assert.equal(1, m.count("crashloop", { verdict = "exit", exitCode = 7 }), m.output())
     assert.truthy(H.read_file(m.err):find("exit code 7", 1, true), m.output())
     assert.is_true(H.wait_until(function() return all_gone(m.pids()) end, 2000))
+    H.cleanup_master(m)
+    H.finish()
+  end)
+
+  it("a period that is not a whole number of seconds: the verdict is carried out and said as given", function()
+    local m = R.start_master(H, chunk [[ period = 2.5, onCrashLoop = function() return "exit", 7 end, ]])
+    assert.equal(7, m.wait_exit(5000), m.output())
+    assert.truthy(H.read_file(m.err):find("(3 restarts in 2.5s)", 1, true), m.output())
+    assert.is_true(H.wait_until(function() return all_gone(m.pids()) end, 2000))
+    H.cleanup_master(m)
+    H.finish()
+  end)
+
+  it("a verdict onCrashLoop cannot mean raises in the master, naming onCrashLoop; its workers do not outlive it", function()
+    for _, verdict in ipairs { [["later"]], [["retry", -1]], [["exit", 1.5]] } do
+      local m = R.start_master(H, chunk(" onCrashLoop = function() return " .. verdict .. " end, "))
+      assert.equal(1, m.wait_exit(5000), m.output())
+      assert.truthy(H.read_file(m.err):find("supervise: onCrashLoop returned", 1, true), m.output())
+      assert.equal(0, m.count("crashloop"), m.output())
+      assert.is_true(H.wait_until(function() return all_gone(m.pids()) end, 3000))
+      H.cleanup_master(m)
+    end
+    H.finish()
+  end)
+
+  it("onCrashLoop returning nothing takes the default verdict", function()
+    local m = R.start_master(H, chunk [[ onCrashLoop = function() end, ]])
+    assert.is_true(H.wait_until(m.has("crashloop"), 5000), m.output())
+    assert.equal(1, m.count("crashloop", { verdict = "retry", pause = 30000 }), m.output())
+    core.kill(m.pid, "SIGTERM")
+    assert.equal(0, m.wait_exit(), m.output())
     H.cleanup_master(m)
     H.finish()
   end)

@@ -86,6 +86,35 @@ describe("supervise: options", function()
     H.finish()
   end)
 
+  it("shutdown and reload refuse bad options before they change anything", function()
+    cluster.supervise { workers = 1, readiness = "explicit", signals = false, output = false }
+    local cases = {
+      { cluster.shutdown, { grace = "x" }, "shutdown: bad option 'grace'" },
+      { cluster.shutdown, { grace = -5 }, "shutdown: bad option 'grace'" },
+      { cluster.shutdown, { killTimeout = {} }, "shutdown: bad option 'killTimeout'" },
+      { cluster.shutdown, { killTimeout = 0 / 0 }, "shutdown: bad option 'killTimeout'" },
+      { cluster.shutdown, { grcae = 0 }, "shutdown: unknown option 'grcae'" },
+      { cluster.shutdown, "soon", "shutdown: bad argument #1 (opts)" },
+      { cluster.reload, { concurency = 2 }, "reload: unknown option 'concurency'" },
+    }
+    for _, case in ipairs(cases) do
+      local ok, err = pcall(function() case[1](case[2]) end)
+      assert.is_false(ok, case[3])
+      assert.matches("^spec/supervise_options_spec.lua:%d+: " .. case[3]:gsub("%p", "%%%0"), tostring(err))
+    end
+    -- the supervisor still runs: its worker gets ready, and it reloads
+    assert.is_true(H.wait_until(function() return cluster.workers[next(cluster.workers)]:stats().ready end, 3000))
+    assert.equal(0, cluster.listenerCount("shutdown"))
+    local done
+    assert.is_true(cluster.reload(function(err) done = err or true end))
+    assert.is_true(H.wait_until(function() return done ~= nil end, 3000))
+    assert.is_true(done)
+    done = false
+    cluster.shutdown({ grace = 0, killTimeout = 100 }, function() done = true end)
+    assert.is_true(H.wait_until(function() return done end, 2000))
+    H.finish()
+  end)
+
   it("one supervisor at a time; scale and reload need one", function()
     assert.has_error(function() cluster.scale(1) end)
     assert.has_error(function() cluster.reload() end)

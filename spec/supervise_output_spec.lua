@@ -75,6 +75,31 @@ describe("supervise: worker output", function()
     assert.equal("tail", by_worker[ids[2]][LINES + 1])
     H.finish()
   end)
+
+  it("a line longer than 1 MiB arrives in pieces of exactly 1 MiB, then the rest", function()
+    local MAX = require("cluster.output").MAX_LINE
+    local width = 2 * MAX + MAX // 2
+    local pieces, done, id = {}, false, nil
+    cluster.on("output", function(w, stream, line)
+      id = w.id
+      if stream == "stdout" then pieces[#pieces + 1] = line else done = true end
+    end)
+    cluster.supervise {
+      workers = 1, readiness = "explicit", env = { SUP_MODE = "print", SUP_LINES = "1", SUP_WIDTH = tostring(width) },
+      signals = false, output = false,
+    }
+    assert.is_true(H.wait_until(function() return done end, 10000))
+    local whole = string.format("line 1 %s end", string.rep(string.char(64 + id), width))
+    assert.equal(3, #pieces)
+    assert.equal(MAX, #pieces[1])
+    assert.equal(MAX, #pieces[2])
+    assert.equal(#whole - 2 * MAX, #pieces[3])
+    assert.is_true(table.concat(pieces) == whole, "the pieces are not the line")
+    local stopped = false
+    cluster.shutdown(function() stopped = true end)
+    assert.is_true(H.wait_until(function() return stopped end, 3000))
+    H.finish()
+  end)
 end)
 
 describe("supervise: default printing of worker output", function()
@@ -120,6 +145,32 @@ describe("supervise: default printing of worker output", function()
     for _, id in ipairs(ids) do
       assert.truthy(err:find("[worker " .. id .. "] done\n", 1, true), err)
     end
+    H.cleanup_master(m)
+    H.finish()
+  end)
+
+  it("ends with its supervisor: a second supervisor after a shutdown prints each line once", function()
+    local m = R.start_master(H, [[
+      local cluster = ...
+      cluster.setupMaster { silent = true }
+      local options = { workers = 1, readiness = "explicit", env = { SUP_MODE = "print", SUP_LINES = "1", SUP_WIDTH = "3" } }
+      cluster.once("ready", function()
+        cluster.setTimeout(function()
+          cluster.shutdown(function() cluster.supervise(options) end)
+        end, 200)
+      end)
+      return options
+    ]])
+    assert.is_true(H.wait_until(function()
+      return select(2, (H.read_file(m.err) or ""):gsub("%] done\n", "")) >= 2
+    end, 10000), m.output())
+    H.run_for(200)
+    require("cluster.core").kill(m.pid, "SIGTERM")
+    assert.equal(0, m.wait_exit(5000), m.output())
+    local out, err = H.read_file(m.out), H.read_file(m.err)
+    assert.equal(1, select(2, out:gsub("%[worker 1%] line 1 AAA end\n", "")), m.output())
+    assert.equal(1, select(2, out:gsub("%[worker 2%] line 1 BBB end\n", "")), m.output())
+    assert.equal(1, select(2, err:gsub("%[worker 2%] done\n", "")), m.output())
     H.cleanup_master(m)
     H.finish()
   end)

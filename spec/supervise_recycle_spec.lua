@@ -168,6 +168,51 @@ describe("supervise: recycling", function()
     H.finish()
   end)
 
+  local function live_count()
+    local n = 0
+    for _ in pairs(cluster.workers) do n = n + 1 end
+    return n
+  end
+
+  it("a worker waiting out its recycle's jitter still counts: scale(n) and reload() keep n workers", function()
+    -- past maxAge at once, and the recycle's random wait is far beyond the spec
+    local rec = start(2, { maxAge = 50, jitter = 0, jitterMs = 1e9, check = 20 })
+    H.run_for(300)
+    assert.equal(0, rec.count("recycle"), rec.dump())
+    cluster.scale(3)
+    assert.is_true(H.wait_until(rec.has("ready", 3), 3000), rec.dump())
+    H.run_for(300)
+    assert.equal(3, live_count(), rec.dump())
+    local done, failure = false, nil
+    cluster.reload(function(err) done, failure = true, err end)
+    assert.is_true(H.wait_until(function() return done end, 5000), rec.dump())
+    H.run_for(300)
+    assert.is_nil(failure, rec.dump())
+    assert.equal(1, rec.count("reloaded", { replaced = 3, workers = 3 }), rec.dump())
+    assert.equal(3, live_count(), rec.dump())
+    shutdown()
+    H.finish()
+  end)
+
+  it("a reload leaves a worker that a recycle is replacing to that recycle: no worker is replaced twice", function()
+    local rec = start(2)
+    local ids = {}
+    for id in pairs(cluster.workers) do ids[#ids + 1] = id end
+    table.sort(ids)
+    local done, failure = false, nil
+    cluster.reload(function(err) done, failure = true, err end)
+    -- what a recycle does, on the worker the reload would replace second
+    cluster.replaceWorker(cluster.workers[ids[2]], "test")
+    assert.is_true(H.wait_until(function() return done end, 5000), rec.dump())
+    assert.is_true(H.wait_until(rec.has("exit", 1, { id = ids[2] }), 3000), rec.dump())
+    H.run_for(300)
+    assert.is_nil(failure, rec.dump())
+    assert.equal(2, live_count(), rec.dump())
+    assert.equal(0, rec.count("reload", { phase = "replaced", old = ids[2] }), rec.dump())
+    shutdown()
+    H.finish()
+  end)
+
   it("by RSS: past maxRss, reason \"rss\"", function()
     local rec = start(1, { maxRss = 1024, jitter = 0, jitterMs = 0, check = 50 })
     assert.is_true(H.wait_until(rec.has("recycle"), 3000), rec.dump())

@@ -244,6 +244,22 @@ describe("supervise: rolling reload", function()
   it("stops when a new worker's ready() arrives after its readyTimeout: the old workers stay", function()
     failing_generation("late", { readyTimeout = 1000 })
   end)
+
+  it("ends when cluster.shutdown() stops it, and the error says so (nobody stays)", function()
+    local rec = start(2)
+    R.write(control, "never")
+    local err
+    cluster.reload(function(e) err = e or false end)
+    local done = false
+    cluster.shutdown({ grace = 100, killTimeout = 100 }, function() done = true end)
+    assert.is_true(H.wait_until(function() return done and err ~= nil end, 5000), rec.dump())
+    assert.truthy(err, "reload called back without an error")
+    assert.equal("ERR_RELOAD_FAILED", err.code)
+    assert.matches("^reload: cluster.shutdown%(%) stopped it %(0 of 2 workers replaced%)$", tostring(err))
+    assert.equal("cluster.shutdown() stopped it", rec.all("reloadFailed")[1].reason)
+    assert.same({}, live_ids())
+    H.finish()
+  end)
 end)
 
 describe("supervise: SIGHUP", function()
@@ -271,6 +287,42 @@ describe("supervise: SIGHUP", function()
     core.kill(m.pid, "SIGTERM")
     assert.equal(0, m.wait_exit(10000), m.output())
     H.cleanup_master(m)
+    H.finish()
+  end)
+end)
+
+describe("supervise: after many reloads", function()
+  before_each(function()
+    H.setup()
+    cluster.setupMaster { exec = H.fixture("sup_worker.lua"), args = {} }
+  end)
+  after_each(function()
+    pcall(cluster.shutdown, { grace = 0, killTimeout = 0 })
+    H.teardown()
+  end)
+
+  it("a worker does not keep the generations before it alive (memory)", function()
+    local forked = setmetatable({}, { __mode = "k" })
+    cluster.on("fork", function(w) forked[w] = true end)
+    local rec = R.record(cluster)
+    cluster.supervise { workers = 2, readiness = "explicit", env = { SUP_MODE = "ready" },
+      grace = 100, killTimeout = 100, signals = false, output = false }
+    assert.is_true(H.wait_until(rec.has("ready", 2), 5000), rec.dump())
+    for i = 1, 6 do
+      local done
+      cluster.reload(function(err) done = err or true end)
+      assert.is_true(H.wait_until(function() return done ~= nil end, 5000), rec.dump())
+      assert.is_true(done, tostring(done))
+      assert.is_true(H.wait_until(rec.has("exit", 2 * i), 3000), rec.dump())
+    end
+    rec.events = {} -- (the record holds no workers, only their ids)
+    for _ = 1, 3 do collectgarbage() end
+    local reachable = 0
+    for _ in pairs(forked) do reachable = reachable + 1 end
+    assert.equal(2, reachable)
+    local done = false
+    cluster.shutdown(function() done = true end)
+    assert.is_true(H.wait_until(function() return done end, 3000))
     H.finish()
   end)
 end)

@@ -182,3 +182,23 @@ describe("supervise: respawn decisions by exit class", function()
     H.finish()
   end)
 end)
+
+describe("supervise: a restart function's verdict", function()
+  before_each(H.setup)
+  after_each(H.teardown)
+
+  it("that is not one of false, true, \"now\" or a delay in ms >= 0 raises, naming the restart function", function()
+    for bad, shown in pairs { ["-5"] = "-5", ["0/0"] = "nan", ['"later"'] = '"later"' } do
+      local m = R.start_master(H, [[
+        return { workers = 1, env = { SUP_MODE = "crash" }, restart = function() return ]] .. bad .. [[ end }
+      ]])
+      assert.equal(1, m.wait_exit(5000), m.output())
+      local err = H.read_file(m.err)
+      local at = err:find("supervise: the restart function returned ", 1, true)
+      assert.truthy(at, m.output())
+      assert.truthy(err:find(shown, at, true), m.output())
+      H.cleanup_master(m)
+    end
+    H.finish()
+  end)
+end)

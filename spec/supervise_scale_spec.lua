@@ -79,6 +79,99 @@ describe("supervise: cluster.scale(n)", function()
   end)
 end)
 
+describe("supervise: cluster.scale(n) while a failed start is being stopped", function()
+  before_each(function()
+    H.setup()
+    cluster.setupMaster { exec = H.fixture("sup_worker.lua"), args = {} }
+  end)
+  after_each(function()
+    pcall(cluster.shutdown, { grace = 0, killTimeout = 0 })
+    H.teardown()
+  end)
+
+  it("counts it (it is to be respawned): scale to the same n forks nothing more", function()
+    local control = H.tmpname("control")
+    -- the first worker misses readyTimeout and, ignoring SIGTERM, takes a while to go
+    R.write(control, "late")
+    local rec = R.record(cluster)
+    cluster.supervise {
+      workers = 1, readiness = "explicit", readyTimeout = 300, killTimeout = 1500,
+      env = { SUP_CONTROL = control }, backoff = { initial = 10, factor = 1, max = 10, reset = 60000 },
+      signals = false, output = false,
+    }
+    assert.is_true(H.wait_until(rec.has("readyTimeout"), 3000), rec.dump())
+    R.write(control, "ready")
+    cluster.scale(1)
+    assert.is_true(H.wait_until(rec.has("respawn"), 5000), rec.dump())
+    assert.is_true(H.wait_until(rec.has("ready"), 3000), rec.dump())
+    H.run_for(200)
+    assert.equal(1, #live_ids(), rec.dump())
+    assert.equal(2, rec.count("fork"), rec.dump())
+    local done = false
+    cluster.shutdown(function() done = true end)
+    assert.is_true(H.wait_until(function() return done end, 3000))
+    os.remove(control)
+    H.finish()
+  end)
+end)
+
+describe("supervise: cluster.scale(n) while workers are being replaced", function()
+  local port
+  before_each(function()
+    H.setup()
+    cluster.setupMaster { exec = H.fixture("sup_worker.lua"), args = {} }
+    port = R.free_port()
+  end)
+  after_each(function()
+    pcall(cluster.shutdown, { grace = 0, killTimeout = 0 })
+    H.teardown()
+  end)
+
+  -- Two workers that get ready (listening) 300 ms after they start; a reload under way.
+  local function reloading()
+    local rec = R.record(cluster)
+    cluster.supervise {
+      workers = 2, env = { SUP_MODE = "serve", SUP_PORT = tostring(port), SUP_DELAY = "300" },
+      grace = 500, killTimeout = 500, signals = false, output = false,
+    }
+    assert.is_true(H.wait_until(rec.has("ready", 2), 5000), rec.dump())
+    local result = {}
+    assert.is_true(cluster.reload(function(err) result.err, result.done = err, true end))
+    return rec, result
+  end
+
+  local function settled(rec, result, n)
+    assert.is_true(H.wait_until(function() return result.done end, 5000), rec.dump())
+    H.run_for(700) -- (a worker forked by mistake would be ready by then)
+    assert.is_nil(result.err, rec.dump())
+    assert.equal(0, rec.count("reloadFailed"), rec.dump())
+    assert.equal(n, #live_ids(), rec.dump())
+  end
+
+  it("scaling down during a reload stops old workers, and the reload goes on", function()
+    local rec, result = reloading()
+    cluster.scale(1)
+    settled(rec, result, 1)
+    -- the one left is of the new generation
+    assert.equal(1, rec.count("reload", { phase = "replaced", new = live_ids()[1] }), rec.dump())
+    local done = false
+    cluster.shutdown(function() done = true end)
+    assert.is_true(H.wait_until(function() return done end, 3000))
+    H.finish()
+  end)
+
+  it("scaling to 0 during a reload also stops a new worker still starting, and the worker it was to replace", function()
+    local rec, result = reloading()
+    cluster.scale(0)
+    settled(rec, result, 0)
+    assert.equal(1, rec.count("reloaded", { replaced = 0 }), rec.dump())
+    local done = false
+    cluster.shutdown(function() done = true end)
+    assert.is_true(H.wait_until(function() return done end, 3000))
+    H.finish()
+  end)
+end)
+
 describe("supervise: SIGTTIN and SIGTTOU", function()
   before_each(H.setup)
   after_each(H.teardown)

@@ -96,10 +96,11 @@ describe("supervise: stats", function()
     assert.equal(2, s3.count)
     -- and its connection count starts from zero
     assert.equal(0, cluster.workers[new]:stats().connections)
-    -- a dead worker's stats: its pid, state "dead", nothing measured
+    -- a dead worker's stats: its pid, state "dead", not ready, nothing measured
     local dead = spinner:stats()
     assert.equal(spinner.process.pid, dead.pid)
     assert.equal("dead", dead.state)
+    assert.is_false(dead.ready)
     assert.equal(0, dead.rss)
     -- its uptime stopped at its exit
     H.run_for(100)

@@ -172,6 +172,49 @@ describe("supervise: a master that gets SIGTERM or SIGINT", function()
     H.finish()
   end)
 
+  it("SIGHUP, SIGTTIN and SIGTTOU during the shutdown are ignored: the shutdown completes and the master exits 0", function()
+    local m = R.start_master(H, [[
+      return { workers = 1, readiness = "explicit", env = { SUP_MODE = "stubborn" }, grace = 300, killTimeout = 300 }
+    ]])
+    assert.is_true(H.wait_until(m.has("ready", 1), 5000), m.output())
+    local pids = m.pids()
+    core.kill(m.pid, "SIGTERM")
+    assert.is_true(H.wait_until(m.has("shutdown"), 3000), m.output())
+    -- the stubborn worker keeps the shutdown going (it ignores disconnect and SIGTERM)
+    for _, sig in ipairs { "SIGHUP", "SIGTTIN", "SIGTTOU" } do
+      core.kill(m.pid, sig)
+      H.run_for(50)
+    end
+    assert.equal(0, m.wait_exit(5000), m.output())
+    assert.equal(0, m.count("reload") + m.count("scale"), m.output())
+    assert.equal(1, m.count("fork"), m.output())
+    assert.equal(1, m.count("stopped", { how = "SIGKILL" }), m.output())
+    assert.is_true(H.wait_until(all_gone(pids), 1000))
+    H.cleanup_master(m)
+    H.finish()
+  end)
+
+  it("the same signal again during the shutdown (an impatient Ctrl-C) kills the workers left and exits at once", function()
+    for _, sig in ipairs { "SIGINT", "SIGTERM" } do
+      local m = R.start_master(H, [[
+        return { workers = 2, readiness = "explicit", env = { SUP_MODE = "stubborn" },
+                 grace = 60000, killTimeout = 60000, shutdownExitCode = 4 }
+      ]])
+      assert.is_true(H.wait_until(m.has("ready", 2), 5000), m.output())
+      local pids = m.pids()
+      core.kill(m.pid, sig)
+      assert.is_true(H.wait_until(m.has("shutdown"), 3000), m.output())
+      H.run_for(100)
+      assert.is_true(H.alive(m.pid), "the graceful shutdown ended early")
+      core.kill(m.pid, sig)
+      -- at once: the stubborn workers would hold a graceful stop for two minutes
+      assert.equal(4, m.wait_exit(3000), m.output())
+      assert.is_true(H.wait_until(all_gone(pids), 2000), "a worker outlived the forced stop")
+      H.cleanup_master(m)
+    end
+    H.finish()
+  end)
+
   it("SIGINT does the same and exits with shutdownExitCode", function()
     local m = serving_master("shutdownExitCode = 3,")
     local pids = m.pids()

@@ -102,3 +102,31 @@ describe("supervise: watchdog", function()
     H.finish()
   end)
 end)
+
+describe("supervise: watchdog, when the master itself was not running", function()
+  before_each(H.setup)
+  after_each(H.teardown)
+
+  it("does not blame the workers: a master stopped (SIGSTOP) past the timeout kills nobody when it goes on", function()
+    local core = require "cluster.core"
+    local m = R.start_master(H, [[
+      return { workers = 2, readiness = "explicit", watchdog = { interval = 50, timeout = 300 }, grace = 100, killTimeout = 100 }
+    ]])
+    assert.is_true(H.wait_until(m.has("ready", 2), 5000), m.output())
+    core.kill(m.pid, "SIGSTOP")
+    H.run_for(800)
+    core.kill(m.pid, "SIGCONT")
+    -- the workers beat all along: once the master has read that, nobody is reported
+    H.run_for(600)
+    assert.equal(0, m.count("watchdog"), m.output())
+    assert.equal(0, m.count("exit"), m.output())
+    -- a worker that really is stuck is still caught
+    core.kill(m.pids()[1], "SIGSTOP")
+    assert.is_true(H.wait_until(m.has("watchdog"), 3000), m.output())
+    assert.equal(m.pids()[1], m.all("watchdog")[1].pid)
+    core.kill(m.pid, "SIGTERM")
+    assert.equal(0, m.wait_exit(5000), m.output())
+    H.cleanup_master(m)
+    H.finish()
+  end)
+end)

@@ -11,7 +11,23 @@ M.MAX_LINE = 1024 * 1024
 function M.install(cluster)
   local partial = {}   -- worker -> {stdout = {pieces of the unfinished line}, stderr = {...}}
 
-  local function emit_line(worker, stream, line) cluster:emit("output", worker, stream, line) end
+  local MAX = M.MAX_LINE
+
+  -- a line longer than MAX goes out in pieces of MAX bytes (the last one shorter)
+  local function emit_line(worker, stream, line)
+    for at = 1, math.max(#line, 1), MAX do
+      cluster:emit("output", worker, stream, line:sub(at, at + MAX - 1))
+    end
+  end
+
+  -- The unfinished line so far, once past MAX bytes: its first pieces of MAX bytes go
+  -- out, the rest (1 to MAX bytes) stays unfinished.
+  local function cut(worker, stream, pieces)
+    local line = table.concat(pieces)
+    local keep = (#line - 1) % MAX + 1
+    emit_line(worker, stream, line:sub(1, #line - keep))
+    return { line:sub(-keep), size = keep }
+  end
 
   cluster._onWorkerOutput = function(worker, stream, chunk)
     local parts = partial[worker]
@@ -49,13 +65,9 @@ function M.install(cluster)
       parts[stream] = pieces
       local rest = chunk:sub(start)
       pieces[#pieces + 1] = rest
-      pieces.size = (pieces.size or 0) + #rest
-      -- a worker that never ends its line can't grow the master without bound:
-      -- past M.MAX_LINE bytes the line so far is delivered as a line of its own
-      if pieces.size >= M.MAX_LINE then
-        parts[stream] = nil
-        emit_line(worker, stream, table.concat(pieces))
-      end
+      pieces.size = pieces.size + #rest
+      -- a worker that never ends its line can't grow the master without bound
+      if pieces.size > MAX then parts[stream] = cut(worker, stream, pieces) end
     end
   end
 end

@@ -10,10 +10,11 @@ function M.install(cluster)
   local started = core.hrtime()
 
   --- {id, pid, state, uptime (s), restarts, connections (RR handed), rss (bytes),
-  -- cpu (user+system s), ready (bool)}
+  -- cpu (user+system s), ready (bool; false once dead)}
   function Worker:stats()
     local pid = self.process and self.process.pid
-    local st = pid and not self:isDead() and core.proc_stats(pid) or nil
+    local dead = self:isDead()
+    local st = pid and not dead and core.proc_stats(pid) or nil
     local forked = rawget(self, "_forkedHr")
     return {
       id = self.id,
@@ -24,7 +25,7 @@ function M.install(cluster)
       connections = cluster._handedTo and cluster._handedTo(self) or 0,
       rss = st and st.rss or 0,
       cpu = st and (st.utime + st.stime) or 0,
-      ready = rawget(self, "_ready") == true,
+      ready = rawget(self, "_ready") == true and not dead,
     }
   end
 

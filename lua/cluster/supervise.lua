@@ -144,6 +144,27 @@ local function check_names(given)
   end
 end
 
+-- The options of shutdown(opts) and reload(opts), checked (names too) before either
+-- changes anything: a bad one raises and leaves the supervisor as it was.
+local function check_amount(fname, field, v)
+  if not is_amount(v) then bad_option(fname, field, "a finite number >= 0", v) end
+end
+
+local CALL_OPTIONS = {
+  shutdown = { grace = check_amount, killTimeout = check_amount },
+  reload = { concurrency = check_concurrency },
+}
+
+local function check_call_options(fname, opts)
+  if opts == nil then return end
+  if type(opts) ~= "table" then errors.typeerror(fname, 1, "opts", "a table", opts) end
+  local known = CALL_OPTIONS[fname]
+  for k, v in pairs(opts) do
+    if not known[k] then errors.raise(string.format("%s: unknown option '%s'", fname, tostring(k))) end
+    known[k](fname, k, v)
+  end
+end
+
 function M.install(cluster)
   local sup = nil            -- the running supervisor's state, nil until supervise()
 
@@ -196,6 +217,13 @@ function M.install(cluster)
 
   local supervised_fork -- forward
 
+  -- A worker that replaced another (reload, recycle) holds hooks that reach the one it
+  -- replaced: once it is ready or dead they are spent, and they go, so that a worker does
+  -- not keep every generation before it.
+  local function forget_hooks(worker)
+    worker._replaces, worker._onReady, worker._onReadyTimeout, worker._exitHook = nil, nil, nil, nil
+  end
+
   local function mark_ready(worker)
     -- too late: a worker that missed its readyTimeout, or is being stopped, stays not ready
     if worker._ready or worker._failedStart or worker._stopping or worker:isDead() then return end
@@ -211,6 +239,7 @@ function M.install(cluster)
     end, reset)
     worker._stableTimer:unref()
     if worker._onReady then worker._onReady(worker) end
+    forget_hooks(worker)
   end
 
   supervised_fork = function(env, restarts)
@@ -220,10 +249,13 @@ function M.install(cluster)
     worker._forkedAt = now()
     worker._restarts = restarts or 0
     local o = sup.opts
-    local jitter = (o.recycle and o.recycle.jitter) or 0.2
-    worker._ageLimit = o.recycle and o.recycle.maxAge and o.recycle.maxAge * (1 + math.random() * jitter)
-    worker._connLimit = o.recycle and o.recycle.maxConnections and
-      math.floor(o.recycle.maxConnections * (1 + math.random() * jitter))
+    local rc = o.recycle
+    local jitter = (rc and rc.jitter) or 0.2
+    -- each limit raised by up to `jitter`, per worker
+    local function limit(max) return max and max * (1 + math.random() * jitter) end
+    worker._ageLimit = rc and limit(rc.maxAge)
+    worker._connLimit = rc and rc.maxConnections and math.floor(limit(rc.maxConnections))
+    worker._rssLimit = rc and limit(rc.maxRss)
     if o.readiness == "listening" then
       -- after the cluster's own 'listening' listeners: 'ready' follows 'listening'
       worker:once("listening", function() loop.defer(mark_ready, worker) end)
@@ -273,7 +305,12 @@ function M.install(cluster)
       local verdict = r(worker, code, signal)
       if verdict == true then return base_delay end
       if verdict == "now" then return 0 end
-      if type(verdict) == "number" then return verdict end
+      if is_amount(verdict) then return verdict end
+      if verdict ~= nil and verdict ~= false then
+        local shown = type(verdict) == "string" and string.format("%q", verdict) or tostring(verdict)
+        errors.raise("supervise: the restart function returned " .. shown ..
+          ': expected false, true, "now" or a delay in ms >= 0')
+      end
       return nil
     end
     if r == "temporary" then return nil end
@@ -299,11 +336,17 @@ function M.install(cluster)
     else
       verdict, arg = "retry", o.crashLoopPause
     end
-    if verdict ~= "retry" and verdict ~= "hold" and verdict ~= "exit" then
-      verdict, arg = "retry", o.crashLoopPause
+    if verdict == nil then verdict, arg = "retry", o.crashLoopPause end -- no opinion: the default
+    local arg_fits = arg == nil or (verdict == "retry" and is_amount(arg))
+      or (verdict == "exit" and math.type(arg) == "integer")
+    if not (verdict == "retry" or verdict == "hold" or verdict == "exit") or not arg_fits then
+      local function shown(v) return type(v) == "string" and string.format("%q", v) or tostring(v) end
+      errors.raise("supervise: onCrashLoop returned " .. shown(verdict) .. ", " .. shown(arg) ..
+        ': expected "retry"[, pause in ms >= 0], "hold" or "exit"[, integer exit code]')
     end
-    info.verdict, info.pause, info.exitCode = verdict, verdict == "retry" and (arg or o.crashLoopPause) or nil,
-      verdict == "exit" and (arg or 1) or nil
+    info.verdict = verdict
+    if verdict == "retry" then info.pause = arg or o.crashLoopPause end
+    if verdict == "exit" then info.exitCode = arg or 1 end
     cluster:emit("crashloop", info, verdict)
     return info
   end
@@ -318,19 +361,30 @@ function M.install(cluster)
     elseif not held and sup.holdTimer then
       loop.clearInterval(sup.holdTimer)
       sup.holdTimer = nil
+      sup.restartTimes = {} -- resumed: the crash loop's restarts no longer count
     end
   end
 
-  local function respawn_later(replaced, delay)
+  -- How long a crash loop's "retry" pause still holds back restarts (ms, 0 when none).
+  local function paused_for()
+    return sup.pauseUntil and math.max(0, math.ceil(sup.pauseUntil - now())) or 0
+  end
+
+  -- `waited`: what this restart waited before (a pause came after it was decided)
+  local function respawn_later(replaced, delay, waited)
     sup.pendingRespawns = sup.pendingRespawns + 1
+    waited = (waited or 0) + delay
     local t
     t = loop.setTimeout(function()
       sup.respawnTimers[t] = nil
       sup.pendingRespawns = sup.pendingRespawns - 1
       if not sup.running or sup.held then return end
+      -- a crash loop's pause holds back every restart, also those decided before it
+      local pause = paused_for()
+      if pause > 0 then return respawn_later(replaced, pause, waited) end
       sup.restartTimes[#sup.restartTimes + 1] = now()
       local w = supervised_fork(replaced.env, replaced._restarts + 1)
-      cluster:emit("respawn", w, replaced, delay)
+      cluster:emit("respawn", w, replaced, waited)
     end, delay)
     sup.respawnTimers[t] = true
   end
@@ -352,6 +406,7 @@ function M.install(cluster)
     if worker._readyTimer then loop.clearTimeout(worker._readyTimer) worker._readyTimer = nil end
     if worker._stableTimer then loop.clearTimeout(worker._stableTimer) worker._stableTimer = nil end
     if worker._exitHook then worker._exitHook(worker, code, signal) end
+    forget_hooks(worker)
     if not sup.running or (worker._stopping and not worker._stoppedAsFailed) or worker._replaced then return end
     if not worker._ready and not worker._failedStart then worker._failedStart = true end
     local delay = decide(worker, code, signal)
@@ -360,22 +415,25 @@ function M.install(cluster)
       return
     end
     if sup.held then return end
+    local pause = paused_for()
+    if pause > 0 then return respawn_later(worker, math.max(delay, pause)) end
     local info = crash_loop_verdict()
     if info then
       if info.verdict == "hold" then
         set_held(true)
         io.stderr:write(string.format(
-          "cluster: crash loop (%d restarts in %ds): holding, no more restarts; the master stays up (cluster.scale(n) or cluster.reload() resumes)\n",
+          "cluster: crash loop (%d restarts in %gs): holding, no more restarts; the master stays up (cluster.scale(n) or cluster.reload() resumes)\n",
           info.restarts, info.period))
         cluster:emit("hold", info)
         return
       elseif info.verdict == "exit" then
-        io.stderr:write(string.format("cluster: crash loop (%d restarts in %ds): stopping the master with exit code %d\n",
+        io.stderr:write(string.format("cluster: crash loop (%d restarts in %gs): stopping the master with exit code %d\n",
           info.restarts, info.period, info.exitCode))
         cluster.shutdown({ grace = 0 }, function() os.exit(info.exitCode) end)
         return
       else
         sup.restartTimes = {}
+        sup.pauseUntil = now() + info.pause
         delay = math.max(delay, info.pause)
       end
     end
@@ -397,6 +455,7 @@ function M.install(cluster)
     worker._replaced = true
     cluster:emit("recycle", worker, reason)
     local w = supervised_fork(worker.env, worker._restarts)
+    w._replaces = worker
     w._onReady = function()
       stop_worker(worker, nil, done)
     end
@@ -404,7 +463,7 @@ function M.install(cluster)
     -- respawned (the old worker stays, supervised as before) and the next attempt for
     -- this worker waits for the backoff delay.
     local function failed()
-      if w._replaceFailed then return end
+      if w._replaceFailed or w._scaledDown then return end
       w._replaceFailed = true
       w._stopping = true
       sup.failures = sup.failures + 1
@@ -416,57 +475,95 @@ function M.install(cluster)
   end
   cluster.replaceWorker = replace
 
+  -- How long worker w has been silent (ms), by the heartbeats read so far.
+  local function silence(w, t)
+    local last = w._channel:last_beat()
+    return t - (last > 0 and last or w._forkedAt)
+  end
+
+  local function watched(w)
+    return sup and sup.running and sup.opts.watchdog and not w:isDead() and w._channel and w:isConnected()
+  end
+
+  -- A silence past the timeout, confirmed: 'watchdog', then the action.
+  local function watchdog_fire(w)
+    if not watched(w) or w._watchdogFired then return end
+    local wd = sup.opts.watchdog
+    local since = silence(w, now())
+    if since <= (wd.timeout or 5000) then return end
+    w._watchdogFired = true
+    cluster:emit("watchdog", w, since)
+    if type(wd.action) == "function" then
+      wd.action(w, since)
+    elseif wd.action ~= "report" then
+      -- a stuck loop can't disconnect: kill it, the respawn policy replaces it
+      w._failedStart = not w._ready
+      w:kill("SIGKILL")
+    end
+  end
+
+  -- The watchdog's look at one worker: its loop beats from C; silence means it is stuck.
+  -- A silence is confirmed on the next turn of the loop, once the loop has read what
+  -- waits in the channel: a master that was not running itself (stopped, not scheduled)
+  -- finds every worker silent before it has read their beats.
+  local function watch(w, t)
+    if silence(w, t) <= (sup.opts.watchdog.timeout or 5000) then
+      w._watchdogFired = nil -- beating (again): a later silence is reported again
+    elseif not w._watchdogFired and not w._watchdogSuspect then
+      w._watchdogSuspect = true
+      loop.setTimeout(function()
+        w._watchdogSuspect = nil
+        watchdog_fire(w)
+      end, 1)
+    end
+  end
+
+  -- Recycling: past a limit, the worker is replaced (after a random wait).
+  local function recycle_check(w, t)
+    local rc = sup.opts.recycle
+    if not w._ready or w._replaced or w._recyclePending or (w._recycleAfter and t < w._recycleAfter) then return end
+    local reason
+    if w._ageLimit and t - w._forkedAt > w._ageLimit then
+      reason = "age"
+    elseif w._connLimit and cluster._handedTo(w) >= w._connLimit then
+      reason = "connections"
+    elseif w._rssLimit then
+      local st = core.proc_stats(w.process.pid)
+      if st and st.rss > w._rssLimit then reason = "rss" end
+    end
+    if not reason then return end
+    -- jitter, so that workers do not all recycle at once; meanwhile the worker still
+    -- counts as one of the supervised (scale, reload)
+    local delay = math.random() * (rc.jitterMs or 1000)
+    w._recyclePending = true
+    loop.setTimeout(function()
+      w._recyclePending = nil
+      replace(w, reason)
+    end, delay):unref()
+  end
+
   local function check()
-    local o = sup.opts
     local t = now()
     for _, w in pairs(cluster.workers) do
       if w._supervised and not w:isDead() then
-        -- watchdog: the worker's loop beats from C; silence means it is stuck
-        local wd = o.watchdog
-        if wd and w._channel and w:isConnected() then
-          local last = w._channel:last_beat()
-          local since = t - (last > 0 and last or w._forkedAt)
-          if since <= (wd.timeout or 5000) then
-            w._watchdogFired = nil -- beating (again): a later silence is reported again
-          elseif not w._watchdogFired then
-            w._watchdogFired = true
-            cluster:emit("watchdog", w, since)
-            if type(wd.action) == "function" then
-              wd.action(w, since)
-            elseif wd.action ~= "report" then
-              -- a stuck loop can't disconnect: kill it, the respawn policy replaces it
-              w._failedStart = not w._ready
-              w:kill("SIGKILL")
-            end
-          end
-        end
-        local rc = o.recycle
-        if rc and w._ready and not w._replaced and not (w._recycleAfter and t < w._recycleAfter) then
-          local reason
-          if w._ageLimit and t - w._forkedAt > w._ageLimit then
-            reason = "age"
-          elseif w._connLimit and cluster._handedTo(w) >= w._connLimit then
-            reason = "connections"
-          elseif rc.maxRss then
-            local st = core.proc_stats(w.process.pid)
-            if st and st.rss > rc.maxRss then reason = "rss" end
-          end
-          if reason then
-            -- jitter, so that workers do not all recycle at once
-            local delay = math.random() * (rc.jitterMs or 1000)
-            w._replaced = "pending"
-            loop.setTimeout(function()
-              w._replaced = nil
-              replace(w, reason)
-            end, delay)
-          end
-        end
+        if watched(w) then watch(w, t) end
+        if sup.opts.recycle then recycle_check(w, t) end
       end
     end
   end
 
   -- ---------------------------------------------------------------------------
   -- the public functions
+
+  -- A supervisor's printing of worker output lasts until the next supervisor starts (so
+  -- that the lines its stopping workers write last are printed too): then that one's
+  -- printer replaces it.
+  local function drop_printer()
+    if sup and sup.printer then
+      cluster:off("output", sup.printer)
+      sup.printer = nil
+    end
+  end
 
   --- Starts supervising: forks `workers` workers and keeps them as configured.
   -- @tparam[opt] table options see M.defaults and the README
@@ -480,19 +577,37 @@ function M.install(cluster)
     local o = merge(M.defaults, options)
     check_options(o, cluster._checkEnv)
     o.workers = o.workers or cluster.cpus()
+    drop_printer() -- a previous supervisor's
     sup = {
       opts = o, running = true, held = false, failures = 0, restartTimes = {},
       pendingRespawns = 0, respawnTimers = {},
     }
     if o.output then
-      cluster:on("output", o.output == true and output.prefixed or o.output)
+      sup.printer = o.output == true and output.prefixed or o.output
+      cluster:on("output", sup.printer)
     end
     if o.signals then
-      cluster._setSignalDefault("SIGTERM", function(name) cluster.shutdown(nil, function() os.exit(o.shutdownExitCode) end) end)
-      cluster._setSignalDefault("SIGINT", function(name) cluster.shutdown(nil, function() os.exit(o.shutdownExitCode) end) end)
-      cluster._setSignalDefault("SIGHUP", function() cluster.reload() end)
-      cluster._setSignalDefault("SIGTTIN", function() cluster.scale(cluster._supervisedCount() + 1) end)
-      cluster._setSignalDefault("SIGTTOU", function() cluster.scale(math.max(0, cluster._supervisedCount() - 1)) end)
+      -- SIGTERM/SIGINT: a graceful shutdown; the same signal again while it runs (an
+      -- impatient Ctrl-C) kills what is left at once and exits
+      local stopping = false
+      local function stop_and_exit()
+        if stopping then
+          for _, w in pairs(cluster._all) do
+            if not w:isDead() then w:kill("SIGKILL") end
+          end
+          os.exit(o.shutdownExitCode)
+        end
+        stopping = true
+        cluster.shutdown(nil, function() os.exit(o.shutdownExitCode) end)
+      end
+      -- during a shutdown there is nothing left to reload or scale: such signals are ignored
+      local function unless_stopping(fn) return function() if sup and sup.running then fn() end end end
+      cluster._setSignalDefault("SIGTERM", stop_and_exit)
+      cluster._setSignalDefault("SIGINT", stop_and_exit)
+      cluster._setSignalDefault("SIGHUP", unless_stopping(function() cluster.reload() end))
+      local function scale_by(d) return function() cluster.scale(math.max(0, cluster._supervisedCount() + d)) end end
+      cluster._setSignalDefault("SIGTTIN", unless_stopping(scale_by(1)))
+      cluster._setSignalDefault("SIGTTOU", unless_stopping(scale_by(-1)))
     end
     local interval = math.min(o.watchdog and (o.watchdog.interval or 1000) or 1000,
       o.recycle and (o.recycle.check or 1000) or 1000)
@@ -509,15 +624,44 @@ function M.install(cluster)
 
   cluster._onSupervisedExit = on_exit
 
+  -- The supervised workers that count (by id): alive, not being replaced, and not on
+  -- their way out, except a failed start being stopped (it is to be respawned).
   local function live_supervised()
     local list = {}
-    for _, w in pairs(cluster.workers) do
-      if w._supervised and not w:isDead() and not w._stopping and not w._replaced then list[#list + 1] = w end
+    for _, w in pairs(cluster._all) do
+      if w._supervised and not w:isDead() and not w._replaced and (not w._stopping or w._stoppedAsFailed) then
+        list[#list + 1] = w
+      end
     end
     table.sort(list, function(a, b) return a.id < b.id end)
     return list
   end
   cluster._supervisedCount = function() return #live_supervised() + (sup and sup.pendingRespawns or 0) end
+
+  -- The worker `w` stands in for, if it is still starting to replace one (reload, recycle).
+  local function stand_in_for(w)
+    if not w._ready then return w._replaces end
+  end
+
+  -- In what order scale() stops workers, the last first: stand-ins, then the others,
+  -- then failed starts already being stopped; by id within each.
+  local function scale_rank(w)
+    if w._stoppedAsFailed then return 3 end
+    return stand_in_for(w) and 1 or 2
+  end
+
+  -- Stops one worker to scale down: a failed start is no longer respawned; a stand-in
+  -- takes the worker it replaces along, and its reload or recycle skips that worker
+  -- instead of failing.
+  local function scale_down(w)
+    w._stoppedAsFailed = nil
+    local old = stand_in_for(w)
+    if old then
+      w._scaledDown = true
+      stop_worker(old)
+    end
+    stop_worker(w)
+  end
 
   --- Sets the number of supervised workers: forks more, or stops the newest.
   function cluster.scale(n)
@@ -530,10 +674,15 @@ function M.install(cluster)
     local live = live_supervised()
     local have = #live + sup.pendingRespawns
     for _ = have + 1, n do supervised_fork(sup.opts.env, 0) end
-    -- fewer: first the respawns not yet due, then the newest workers
+    -- fewer: first the respawns not yet due, then workers by scale_rank
     local excess = have - n
     while excess > 0 and cancel_respawn() do excess = excess - 1 end
-    for i = #live, #live - excess + 1, -1 do stop_worker(live[i]) end
+    table.sort(live, function(a, b)
+      local ra, rb = scale_rank(a), scale_rank(b)
+      if ra ~= rb then return ra < rb end
+      return a.id < b.id
+    end)
+    for i = #live, #live - excess + 1, -1 do scale_down(live[i]) end
     cluster:emit("scale", n)
   end
 
@@ -543,9 +692,7 @@ function M.install(cluster)
   -- @tparam[opt] function callback
   function cluster.shutdown(opts, callback)
     if type(opts) == "function" then opts, callback = nil, opts end
-    if opts ~= nil and type(opts) ~= "table" then
-      error("shutdown: bad argument #1 (opts): expected a table, got " .. type(opts), 2)
-    end
+    check_call_options("shutdown", opts)
     if callback ~= nil and type(callback) ~= "function" then
       error("shutdown: bad argument #2 (callback): expected a function, got " .. type(callback), 2)
     end
@@ -562,7 +709,8 @@ function M.install(cluster)
     local function one_done()
       waiting = waiting - 1
       if waiting == 0 then
-        if cluster._closeSignals then cluster._closeSignals() end
+        -- (unless a new supervisor started meanwhile)
+        if not (sup and sup.running) and cluster._closeSignals then cluster._closeSignals() end
         if callback then callback() end
       end
     end
@@ -581,10 +729,7 @@ function M.install(cluster)
   -- ERR_RELOAD_RUNNING at once when a reload is under way.
   function cluster.reload(opts, callback)
     if type(opts) == "function" then opts, callback = nil, opts end
-    if opts ~= nil and type(opts) ~= "table" then
-      error("reload: bad argument #1 (opts): expected a table, got " .. type(opts), 2)
-    end
-    check_concurrency("reload", "concurrency", opts and opts.concurrency)
+    check_call_options("reload", opts)
     if not (sup and sup.running) then error("reload: no supervisor running: call cluster.supervise{...} first", 2) end
     if sup.reloading then
       if callback then
@@ -598,6 +743,7 @@ function M.install(cluster)
     local old = live_supervised()
     local total = #old
     local index, active, replaced, failed = 0, 0, 0, false
+    local this = sup
     sup.reloading = true
     cluster:emit("reload", "start", { workers = total })
     -- fewer workers than configured (after a crash loop's hold): start the missing ones,
@@ -609,10 +755,12 @@ function M.install(cluster)
       while not failed and active < concurrency and index < #old do
         index = index + 1
         local o = old[index]
-        if not o:isDead() and not o._stopping then
+        -- (one a recycle is replacing already gets a worker of the new generation)
+        if not o:isDead() and not o._stopping and not o._replaced then
           active = active + 1
           o._replaced = true
           local new = supervised_fork(o.env, o._restarts)
+          new._replaces = o
           new._onReady = function()
             if new._reloadSettled then return end
             new._reloadSettled = true
@@ -630,10 +778,14 @@ function M.install(cluster)
           new._onReadyTimeout = function()
             if new._reloadSettled then return end
             new._reloadSettled = true
-            failed = true
-            new._stopping = true -- not respawned: the old worker stays
             active = active - 1
-            release(o)
+            if new._scaledDown then
+              next_batch() -- scaled away with the worker it was to replace: nothing to do there
+            else
+              failed = true
+              new._stopping = true -- not respawned: the old worker stays
+              release(o)
+            end
             finish()
           end
         end
@@ -641,15 +793,18 @@ function M.install(cluster)
     end
     finish = function()
       if active > 0 or (index < #old and not failed) then return end
-      sup.reloading = false
+      this.reloading = false
       if failed then
-        local info = { replaced = replaced, workers = total, reason = "a new worker failed readiness" }
+        -- (a shutdown stops the new workers too: then nobody stays)
+        local reason = this.running and "a new worker failed readiness" or "cluster.shutdown() stopped it"
+        local info = { replaced = replaced, workers = total, reason = reason }
         -- release the ones that never started
         for i = index + 1, #old do old[i]._replaced = nil end
         cluster:emit("reloadFailed", info)
         if callback then
           callback(errors.new("ERR_RELOAD_FAILED", "reload",
-            string.format("reload: %s (%d of %d workers replaced; the others stay)", info.reason, replaced, total),
+            string.format("reload: %s (%d of %d workers replaced%s)", reason, replaced, total,
+              this.running and "; the others stay" or ""),
             { replaced = replaced, workers = total }))
         end
       else
