@@ -327,7 +327,12 @@ static void on_resolved(uv_getaddrinfo_t *gai, int status, struct addrinfo *res)
       stream_req *c = req_new(L);
       c->cb_ref = r->cb_ref;
       c->port = r->port;
-      memcpy(c->detail, r->detail, sizeof c->detail);
+      /* errors name the address tried, as Node's do ("127.1" -> 127.0.0.1:port) */
+      char ip[INET6_ADDRSTRLEN];
+      if (uv_ip_name(sa, ip, sizeof ip) == 0)
+        snprintf(c->detail, sizeof c->detail, "%s:%d", ip, r->port);
+      else
+        memcpy(c->detail, r->detail, sizeof c->detail);
       r->cb_ref = LUA_NOREF;
       status = uv_tcp_connect(&c->u.connect, &h->u.tcp, (struct sockaddr *)&ss, on_connect);
       if (status == 0) {

@@ -252,6 +252,11 @@ describe("cluster.net", function()
       assert.has_error(function() server:listen(70000) end,
         "server:listen: bad argument #1 (port): must be in 0..65535, got 70000")
       assert.has_error(function() server:listen(0, "127.0.0.1", "x") end)
+      -- a backlog listen(2) cannot take is the caller's error, not the C core's
+      assert.has_error(function() server:listen({ port = 0, backlog = -1 }) end,
+        "server:listen: bad argument #1 (backlog): must be in 0..2147483647, got -1")
+      assert.has_error(function() server:listen(0, "127.0.0.1", 2 ^ 31) end,
+        "server:listen: bad argument #3 (backlog): must be in 0..2147483647, got 2147483648.0")
       assert.has_error(function() net.createServer(42) end)
       assert.has_error(function() server:close(42) end)
       assert.is_false(server.listening)
@@ -349,6 +354,33 @@ describe("cluster.net", function()
       assert.are.equal("127.0.0.1", err.address)
       assert.are.equal(port, err.port)
       assert.is_true(closed)
+    end)
+
+    it("names the address tried, not \"localhost\", in a connect or listen error (as Node)", function()
+      local port = free_port()
+      local err
+      net.connect(port):on("error", function(e) err = e end) -- (the host defaults to localhost)
+      assert.is_true(run_until(function() return err ~= nil end))
+      assert.are.equal("ECONNREFUSED", err.code)
+      assert.are.equal("127.0.0.1", err.address)
+      assert.are.equal("connect ECONNREFUSED 127.0.0.1:" .. port, err.message)
+      local taken = net.createServer()
+      taken:listen(0, "127.0.0.1")
+      local used = taken:address().port
+      local lerr
+      net.createServer():on("error", function(e) lerr = e end):listen(used, "localhost")
+      assert.is_true(run_until(function() return lerr ~= nil end))
+      assert.are.equal("EADDRINUSE", lerr.code)
+      assert.are.equal("127.0.0.1", lerr.address)
+      assert.are.equal("listen EADDRINUSE 127.0.0.1:" .. used, lerr.message)
+      close_server(taken)
+      -- through the resolver too: "127.1" is tried as 127.0.0.1
+      local rerr
+      net.connect(port, "127.1"):on("error", function(e) rerr = e end)
+      assert.is_true(run_until(function() return rerr ~= nil end))
+      assert.are.equal("127.0.0.1", rerr.address)
+      assert.are.equal(port, rerr.port)
+      assert.are.equal("connect ECONNREFUSED 127.0.0.1:" .. port, rerr.message)
     end)
 
     it("resolves a host name through the resolver", function()
@@ -537,26 +569,24 @@ describe("cluster.net", function()
       close_server(server)
     end)
 
-    it("destroySoon() on a connecting socket ends it once connected; a later write fails", function()
+    it("destroySoon() on a connecting socket ends it once connected", function()
       local server_got, server_ended = "", false
       local server = net.createServer(function(sock)
         sock:on("data", function(d) server_got = server_got .. d end)
         sock:on("end", function() server_ended = true end)
       end)
       server:listen(0, "127.0.0.1")
-      local err, closed = nil, false
+      local closed = nil
       local c = net.connect(server:address().port, "127.0.0.1")
-      c:on("error", function(e) err = e end)
-      c:on("close", function() closed = true end)
+      c:on("close", function(had_error) closed = had_error end)
       local finishes = 0
       c:on("finish", function() finishes = finishes + 1 end)
       c:write("queued while connecting")
       c:destroySoon()
       c:destroySoon() -- a second call changes nothing: one 'finish'
-      assert.is_false(c:write("too late"))
-      assert.is_true(run_until(function() return closed and server_ended end))
+      assert.is_true(run_until(function() return closed ~= nil and server_ended end))
       assert.are.equal("queued while connecting", server_got)
-      assert.are.equal("ERR_STREAM_WRITE_AFTER_END", err and err.code)
+      assert.is_false(closed)
       assert.are.equal(1, finishes)
       close_server(server)
     end)
@@ -954,18 +984,120 @@ describe("cluster.net", function()
       assert.has_error(function() net.connect(true) end)
     end)
 
-    it("emits an error for a write after close()", function()
+    it("a write after close() destroys the socket (Node's write after end): its callback, 'error', then 'close'(true)", function()
       local server, port = echo_server()
-      local err
+      local events = {}
       local c = net.connect(port, "127.0.0.1")
-      c:on("error", function(e) err = e end)
+      c:on("error", function(e) events[#events + 1] = "error " .. e.code end)
+      c:on("finish", function() events[#events + 1] = "finish" end)
+      c:on("close", function(had_error) events[#events + 1] = "close " .. tostring(had_error) end)
       c:on("connect", function()
         c:close()
-        assert.is_false(c:write("too late"))
+        assert.is_false(c:write("too late", function(e) events[#events + 1] = "callback " .. e.code end))
+        assert.is_true(c.destroyed)
+        -- destroyed now: a later write's callback gets ERR_STREAM_DESTROYED, and no 'error'
+        assert.is_false(c:write("later", function(e) events[#events + 1] = "callback " .. e.code end))
       end)
-      assert.is_true(run_until(function() return err ~= nil end))
-      assert.are.equal("ERR_STREAM_WRITE_AFTER_END", err.code)
+      assert.is_true(run_until(function() return #events == 4 end))
+      assert.are.same({ "callback ERR_STREAM_WRITE_AFTER_END", "error ERR_STREAM_WRITE_AFTER_END",
+                        "close true", "callback ERR_STREAM_DESTROYED" }, events)
+      close_server(server)
+    end)
+
+    it("close(data) after close() is a write after end; the callbacks of both calls are answered", function()
+      local server, port = echo_server()
+      local events = {}
+      local c = net.connect(port, "127.0.0.1")
+      c:on("error", function(e) events[#events + 1] = "error " .. e.code end)
+      c:on("close", function(had_error) events[#events + 1] = "close " .. tostring(had_error) end)
+      c:on("connect", function()
+        c:close("first", function(e) events[#events + 1] = "first " .. (e and e.code or "ok") end)
+        c:close("second", function(e) events[#events + 1] = "second " .. (e and e.code or "ok") end)
+      end)
+      assert.is_true(run_until(function() return #events == 4 end))
+      -- the socket was destroyed before its writing side closed: the first callback
+      -- gets that error too, never silence
+      assert.are.same({ "second ERR_STREAM_WRITE_AFTER_END", "first ERR_STREAM_WRITE_AFTER_END",
+                        "error ERR_STREAM_WRITE_AFTER_END", "close true" }, events)
+      close_server(server)
+    end)
+
+    it("close(callback) again runs on the 'finish' to come, or gets ERR_STREAM_ALREADY_FINISHED / ERR_STREAM_DESTROYED", function()
+      local server, port = echo_server()
+      local events = {}
+      local function note(name) return function(e) events[#events + 1] = name .. " " .. (e and e.code or "ok") end end
+      local c = net.connect({ port = port, host = "127.0.0.1", allowHalfOpen = true })
+      c:on("finish", function()
+        events[#events + 1] = "finish"
+        c:close(note("after finish"))
+      end)
+      c:on("connect", function()
+        c:close(note("first"))
+        c:close(note("second"))
+      end)
+      assert.is_true(run_until(function() return #events == 4 end))
+      assert.are.same({ "first ok", "second ok", "finish", "after finish ERR_STREAM_ALREADY_FINISHED" }, events)
+      -- a socket destroyed before it ever ended
+      local d = net.Socket.new()
+      d:destroy()
+      local got
+      d:close(function(e) got = e end)
+      assert.is_true(run_until(function() return got ~= nil end))
+      assert.are.equal("ERR_STREAM_DESTROYED", got.code)
       c:destroy()
+      close_server(server)
+    end)
+
+    it("a connection that fails answers the callbacks of its waiting writes and of close() before 'error' and 'close'", function()
+      local port = free_port()
+      local events = {}
+      local c = net.connect(port, "127.0.0.1")
+      c:on("error", function(e) events[#events + 1] = "error " .. e.code end)
+      c:on("close", function(had_error) events[#events + 1] = "close " .. tostring(had_error) end)
+      c:write("x", function(e) events[#events + 1] = "write " .. (e and e.code or "ok") end)
+      c:close(function(e) events[#events + 1] = "close callback " .. (e and e.code or "ok") end)
+      assert.is_true(run_until(function() return #events == 4 end))
+      assert.are.same({ "write ECONNREFUSED", "close callback ECONNREFUSED", "error ECONNREFUSED", "close true" }, events)
+    end)
+
+    it("a write after the peer ended a socket that is not half-open fails with EPIPE (Node's)", function()
+      local server, c, accepted = accept_one()
+      local err, wrote_err, closed
+      accepted:on("data", function() end)
+      accepted:on("error", function(e) err = e end)
+      accepted:on("close", function(had_error) closed = had_error end)
+      -- the peer's end made it close its own side: a write once that is done is late
+      accepted:on("finish", function()
+        accepted:write("late", function(e) wrote_err = e end)
+      end)
+      c:close()
+      assert.is_true(run_until(function() return closed ~= nil and wrote_err ~= nil end))
+      assert.are.equal("EPIPE", wrote_err.code)
+      assert.are.equal("write", wrote_err.syscall)
+      assert.are.equal("This socket has been ended by the other party", wrote_err.message)
+      assert.are.equal(wrote_err, err)
+      assert.is_true(closed)
+      close_accepted(server, c, accepted)
+    end)
+
+    it("emits no 'drain' once close() was called", function()
+      local received = 0
+      local server = net.createServer(function(sock)
+        sock:on("data", function(d) received = received + #d end)
+      end)
+      server:listen(0, "127.0.0.1")
+      local size = 8 * 1024 * 1024
+      local ret, drained, closed = nil, false, false
+      local c
+      c = net.connect(server:address().port, "127.0.0.1", function()
+        ret = c:write(string.rep("d", size))
+        c:close()
+      end)
+      c:on("drain", function() drained = true end)
+      c:on("close", function() closed = true end)
+      assert.is_true(run_until(function() return closed and received == size end, 10000))
+      assert.is_false(ret)
+      assert.is_false(drained)
       close_server(server)
     end)
   end)
@@ -1149,6 +1281,26 @@ describe("cluster.net", function()
       assert.is_true(run_until(function() return timeouts == before + 1 end, 5000))
       assert.is_true(took > 0.6, "the transfer was too quick to tell (" .. took .. " s)")
       assert.equal(0, during)
+      close_accepted(server, c, accepted)
+    end)
+
+    it("a write stuck when 'timeout' came, once drained, lets the socket time out again (once per spell)", function()
+      local server, c, accepted = accept_one()
+      c:pause()
+      local timeouts = 0
+      accepted:on("timeout", function() timeouts = timeouts + 1 end)
+      accepted:setTimeout(50)
+      local size, got = 32 * 1024 * 1024, 0
+      accepted:write(string.rep("s", size)) -- more than the kernel's buffers hold
+      assert.is_true(run_until(function() return timeouts == 1 end))
+      run_for(200) -- still stuck: no second 'timeout'
+      assert.are.equal(1, timeouts)
+      assert.is_true(accepted._handle:write_queue_size() > 0)
+      c:on("data", function(d) got = got + #d end)
+      c:resume()
+      assert.is_true(run_until(function() return got == size end, 10000))
+      -- the queue drained: that was activity, and the idle spell after it times out
+      assert.is_true(run_until(function() return timeouts == 2 end))
       close_accepted(server, c, accepted)
     end)
 

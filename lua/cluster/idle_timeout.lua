@@ -6,7 +6,8 @@
 -- `ms`: if there was activity since, it waits for what is left; a write queue that
 -- shrank since the last look counts as activity too (a large write draining to a slow
 -- reader is not idle). Otherwise it emits `'timeout'` once and rests until the next
--- activity. The timer never keeps the loop alive (the socket does that).
+-- activity (while writes wait in the queue, it keeps looking at it every `ms`, without
+-- emitting again). The timer never keeps the loop alive (the socket does that).
 -- @module cluster.idle_timeout
 local core = require "cluster.core"
 local Emitter = require "cluster.emitter"
@@ -31,12 +32,18 @@ local function expired(self)
   local progressed = q ~= self._idleQueued -- (to 0 too: the last step drained)
   self._idleQueued = q
   if progressed then
+    self._idleResting = false
     self._idleSince = now()
     timer:start(ms, 0, self._idleExpired)
+  elseif self._idleResting then
+    timer:start(ms, 0, self._idleExpired) -- still stuck: watch on, no second 'timeout'
   elseif idle < ms then
     timer:start(ms - idle, 0, self._idleExpired)
   else
     self._idleResting = true
+    -- a write stuck in the queue is watched on: its draining is activity, after which
+    -- the socket can time out again (Node's timer restarts when a write completes)
+    if q > 0 then timer:start(ms, 0, self._idleExpired) end
     emit(self, "timeout")
   end
 end

@@ -52,12 +52,29 @@ local function check_port(fname, n, v)
   return port
 end
 
+-- A listen backlog: an integer (or a string of digits) in 0..2^31-1, as listen(2) takes.
+local function check_backlog(fname, n, v)
+  local backlog = to_port(v)
+  if backlog == nil then typeerror(fname, n, "backlog", "an integer", v) end
+  if backlog < 0 or backlog > 0x7fffffff then
+    argerror(fname, n, "backlog", "must be in 0..2147483647, got " .. tostring(v))
+  end
+  return backlog
+end
+
 local function kind_of(stream)
   local mt = getmetatable(stream)
   local name = type(mt) == "table" and mt.__name
   if name == "cluster.tcp" then return "tcp" end
   if name == "cluster.pipe" then return "pipe" end
   return nil
+end
+
+-- "localhost" is 127.0.0.1 without asking the resolver (the C core does the same), so
+-- that errors name the address tried, as Node's do.
+local function numeric_localhost(host)
+  if host == "localhost" then return "127.0.0.1" end
+  return host
 end
 
 local function host_port(host, port)
@@ -109,6 +126,8 @@ Socket._ending = false   -- close() was called
 Socket._destroySoon = false   -- destroySoon() was called
 Socket._finishOnClose = false -- 'finish' comes with 'close' (destroySoon on a connected socket)
 Socket._pendingBytes = 0 -- bytes of the writes made while connecting (Socket._pending)
+Socket._endCallbacks = false -- close()'s callbacks, waiting for 'finish'
+Socket._owed = false     -- callbacks owed an answer before 'error' and 'close': { {fn, err}, ... }
 Socket._needDrain = false
 Socket._idleMs = false   -- setTimeout's milliseconds, while it is on
 Socket._idleTimer = false
@@ -344,7 +363,7 @@ end
 
 function Socket:_drainMark(err)
   self._drainMarked = false
-  if err or self.destroyed then return end
+  if err or self.destroyed or self._ending then return end -- (no 'drain' after close(), as Node)
   if self._handle:write_queue_size() > 0 then return request_drain(self) end
   if self._needDrain then
     self._needDrain = false
@@ -352,12 +371,51 @@ function Socket:_drainMark(err)
   end
 end
 
+local function destroyed_error(call)
+  return errors.new("ERR_STREAM_DESTROYED", call, "Cannot call " .. call .. " after a stream was destroyed")
+end
+
+-- Has `callback(err)` run when the socket's close is reported, before 'finish', 'error'
+-- and 'close' (Node calls them first too). Only for a socket not yet destroyed, or
+-- being destroyed now: a destroyed one's close may have been reported already.
+local function owe(self, callback, err)
+  local owed = self._owed
+  if not owed then
+    owed = {}
+    self._owed = owed
+  end
+  owed[#owed + 1] = { callback, err }
+end
+
+-- A write the socket cannot take, after close() or destroy(): false, and the callback
+-- gets the error. After close() the socket is destroyed with it ('error', then
+-- 'close'), as Node's write after end does; once the peer has ended a socket that is
+-- not half-open, the error is Node's EPIPE.
+local function refuse_write(self, callback)
+  local err
+  if self._readEnded and not self.allowHalfOpen then
+    err = uv_error("EPIPE", "write")
+    err.message = "This socket has been ended by the other party"
+  elseif self.destroyed then
+    err = destroyed_error("write")
+  else
+    err = errors.new("ERR_STREAM_WRITE_AFTER_END", "write", "write after end")
+  end
+  if self.destroyed then
+    if callback then defer(callback, err) end
+  else
+    if callback then owe(self, callback, err) end
+    self:destroy(err)
+  end
+  return false
+end
+
 -- After the handle's write of `data` (with callback `cb`): `queued` is what libuv
 -- still holds, or nil (and the error's `code`) when the write failed.
 local function wrote(self, data, cb, queued, code)
   if not queued then
     local err = uv_error(code, "write")
-    if cb then defer(cb, err) end
+    if cb then owe(self, cb, err) end
     self:destroy(err)
     return false
   end
@@ -376,7 +434,10 @@ local function do_write(self, data, cb)
 end
 
 --- Writes data. Returns false when the caller should wait for `'drain'` before
--- writing more (the data is still queued and will be sent).
+-- writing more (the data is still queued and will be sent). A write after `close()`
+-- fails as Node's write after end: its callback gets `ERR_STREAM_WRITE_AFTER_END` (or
+-- `EPIPE` once the peer has ended a socket that is not half-open) and the socket is
+-- destroyed with that error; after `destroy()`, the callback gets `ERR_STREAM_DESTROYED`.
 -- @tparam string data
 -- @tparam[opt] function callback `callback(err)` once the data is handed to the kernel
 -- @treturn boolean
@@ -395,19 +456,7 @@ function Socket:write(data, callback)
   if callback ~= nil and type(callback) ~= "function" then
     typeerror("socket:write", 2, "callback", "a function", callback)
   end
-  if self.destroyed then
-    if callback then
-      defer(callback, errors.new("ERR_STREAM_DESTROYED", "write",
-        "Cannot call write after a stream was destroyed"))
-    end
-    return false
-  end
-  if self._ending then
-    local err = errors.new("ERR_STREAM_WRITE_AFTER_END", "write", "write after end")
-    if callback then defer(callback, err) end
-    defer(function() emit_error(self, err) end)
-    return false
-  end
+  if self.destroyed or self._ending then return refuse_write(self, callback) end
   if self.connecting or not self._handle then
     self._pending = self._pending or {}
     self._pending[#self._pending + 1] = { data, callback }
@@ -426,6 +475,11 @@ local function do_shutdown(self)
     if self.destroyed then return end
     if err and err.code ~= "ENOTCONN" then return self:destroy(err) end
     self._writeEnded = true
+    local callbacks = self._endCallbacks
+    if callbacks then
+      self._endCallbacks = false
+      for i = 1, #callbacks do callbacks[i]() end
+    end
     self:emit("finish")
     if self.destroyed then return end
     if self._readEnded or err then self:destroy() end
@@ -436,11 +490,39 @@ local function do_shutdown(self)
   end
 end
 
+local function add_end_callback(self, callback)
+  local callbacks = self._endCallbacks
+  if not callbacks then
+    callbacks = {}
+    self._endCallbacks = callbacks
+  end
+  callbacks[#callbacks + 1] = callback
+end
+
+-- close() on a socket that is ending or destroyed already (Node's end() again): `data`
+-- is a write after the end, whose error the callback gets; without data, the callback
+-- runs on the 'finish' still to come, or with the error saying why none will.
+local function close_again(self, data, callback)
+  if data ~= nil then
+    refuse_write(self, callback)
+  elseif callback then
+    if self._writeEnded then
+      defer(callback, errors.new("ERR_STREAM_ALREADY_FINISHED", "end", "Cannot call end after a stream was finished"))
+    elseif self.destroyed then
+      defer(callback, destroyed_error("end"))
+    else
+      add_end_callback(self, callback)
+    end
+  end
+  return self
+end
+
 --- Ends the connection gracefully: writes `data` if given, then everything queued,
 -- then closes the writing side. The socket closes once the peer has ended too.
 -- (Node's `socket.end`; also available as `socket["end"]`.)
 -- @tparam[opt] string data
--- @tparam[opt] function callback runs on `'finish'` (writing side closed)
+-- @tparam[opt] function callback runs on `'finish'` (writing side closed), or with the
+--   error when the socket is destroyed first (Node's)
 -- @treturn Socket self
 function Socket:close(data, callback)
   if type(data) == "function" and callback == nil then data, callback = nil, data end
@@ -448,9 +530,10 @@ function Socket:close(data, callback)
   if callback ~= nil and type(callback) ~= "function" then
     typeerror("socket:close", 2, "callback", "a function", callback)
   end
-  if self.destroyed or self._ending then return self end
+  if self.destroyed or self._ending then return close_again(self, data, callback) end
+  -- (the callback first: a write that fails destroys the socket, which answers it)
+  if callback then add_end_callback(self, callback) end
   if data ~= nil then self:write(data) end
-  if callback then self:once("finish", callback) end
   self._ending = true
   if self._calm then unsettle(self) end
   if self._handle and not self.connecting and not self.destroyed then do_shutdown(self) end -- the write may have failed
@@ -497,10 +580,15 @@ function Socket:destroySoon()
   return Socket.destroy(self)
 end
 
--- The end of a socket, once its handle has closed (once per connection): 'finish' when
--- it comes with 'close', the server's count, 'error' when destroyed with one, 'close'.
--- The events with nobody listening cost no call.
+-- The end of a socket, once its handle has closed (once per connection): the callbacks
+-- it owes, 'finish' when it comes with 'close', the server's count, 'error' when
+-- destroyed with one, 'close'. The events with nobody listening cost no call.
 local function report_closed(self, err, finish)
+  local owed = self._owed
+  if owed then
+    self._owed = false
+    for i = 1, #owed do owed[i][1](owed[i][2]) end
+  end
   local all = self._listeners
   if finish and not err and all and all.finish then emit(self, "finish") end
   local server = self.server
@@ -524,6 +612,27 @@ function closed_soon(self)
   return report_closed(self, false, true)
 end
 
+-- On destroy: the writes still waiting for the connection, and close()'s callbacks
+-- (unless 'finish' comes with 'close'), get `err` or ERR_STREAM_DESTROYED before the
+-- socket's last events (Node's).
+local function fail_waiting(self, err)
+  local pending = self._pending
+  if pending then
+    self._pending, self._pendingBytes = nil, 0
+    local werr = err or destroyed_error("write")
+    for i = 1, #pending do
+      if pending[i][2] then owe(self, pending[i][2], werr) end
+    end
+  end
+  local callbacks = self._endCallbacks
+  if callbacks then
+    self._endCallbacks = false
+    local eerr = err
+    if not eerr and not self._finishOnClose then eerr = destroyed_error("end") end
+    for i = 1, #callbacks do owe(self, callbacks[i], eerr) end
+  end
+end
+
 --- Closes the connection at once, dropping unsent data. With `err`, `'error'(err)`
 -- is emitted before `'close'`.
 -- @tparam[opt] table err an error object
@@ -536,14 +645,7 @@ function Socket:destroy(err)
   if self._calm then unsettle(self) end
   if err then self._destroyError = err end
   if self._idleTimer then idle.stop(self, true) end
-  local pending = self._pending
-  if pending then
-    self._pending, self._pendingBytes = nil, 0
-    local werr = errors.new("ERR_STREAM_DESTROYED", "write", "Cannot call write after a stream was destroyed")
-    for i = 1, #pending do
-      if pending[i][2] then defer(pending[i][2], werr) end
-    end
-  end
+  if self._pending or self._endCallbacks then fail_waiting(self, err) end
   local h = self._handle
   if h then close_handle(h, closed, self) else defer(closed, self) end
   return self
@@ -629,22 +731,23 @@ function Socket:_connect(opts, cb)
   if cb then self:once("connect", cb) end
   self.connecting = true
   local on_connect = function(err) self:_connected(err) end
-  local h, ok, _, code
+  local h, host, ok, _, code
   if opts.path then
     h = core.pipe_new()
     ok, _, code = h:connect(opts.path, on_connect)
   else
+    host = numeric_localhost(opts.host or "localhost")
     h = core.tcp_new()
     if self._noDelay then h:nodelay(true) end
     if self._keepAlive then h:keepalive(true, self._keepAlive) end
-    ok, _, code = h:connect(opts.host or "localhost", opts.port, on_connect)
+    ok, _, code = h:connect(host, opts.port, on_connect)
   end
   self._handle = h
   if self._unref then h:unref() end
   if not ok then
-    local detail = opts.path or host_port(opts.host or "localhost", opts.port)
+    local detail = opts.path or host_port(host, opts.port)
     self:destroy(uv_error(code, "connect", detail,
-      opts.path and { path = opts.path } or { address = opts.host or "localhost", port = opts.port }))
+      opts.path and { path = opts.path } or { address = host, port = opts.port }))
   end
   return self
 end
@@ -785,9 +888,7 @@ local function normalize_listen(...)
       opts.port = check_port(fname, 1, opts.port)
       if opts.host ~= nil and type(opts.host) ~= "string" then typeerror(fname, 1, "host", "a string", opts.host) end
     end
-    if opts.backlog ~= nil and not to_port(opts.backlog) then
-      typeerror(fname, 1, "backlog", "an integer", opts.backlog)
-    end
+    if opts.backlog ~= nil then opts.backlog = check_backlog(fname, 1, opts.backlog) end
   elseif a1 == nil or to_port(a1) then
     opts = { port = check_port(fname, 1, a1 or 0) }
     local i = 2
@@ -796,22 +897,16 @@ local function normalize_listen(...)
     elseif args[2] == nil and n >= 3 then
       i = 3 -- listen(port, nil, backlog)
     end
-    if args[i] ~= nil then
-      if not to_port(args[i]) then typeerror(fname, i, "backlog", "an integer", args[i]) end
-      opts.backlog = to_port(args[i])
-    end
+    if args[i] ~= nil then opts.backlog = check_backlog(fname, i, args[i]) end
     if n > i then argerror(fname, n, "callback", "expected a function, got " .. type(args[n])) end
   elseif type(a1) == "string" then
     opts = { path = a1 }
-    if args[2] ~= nil then
-      if not to_port(args[2]) then typeerror(fname, 2, "backlog", "an integer", args[2]) end
-      opts.backlog = to_port(args[2])
-    end
+    if args[2] ~= nil then opts.backlog = check_backlog(fname, 2, args[2]) end
     if n > 2 then argerror(fname, n, "callback", "expected a function, got " .. type(args[n])) end
   else
     typeerror(fname, 1, "port", "a port number, a path or an options table", a1)
   end
-  opts.backlog = math_tointeger(opts.backlog) or DEFAULT_BACKLOG
+  opts.backlog = opts.backlog or DEFAULT_BACKLOG
   opts.exclusive = opts.exclusive or false
   opts.ipv6Only = opts.ipv6Only or false
   return opts, cb
@@ -866,7 +961,7 @@ end
 function Server:_listenLocal(opts)
   local h, err
   if opts.path or opts.host then
-    h, err = listen_handle(self, opts, opts.host)
+    h, err = listen_handle(self, opts, numeric_localhost(opts.host))
   else
     -- Node: the IPv6 any-address (dual stack) when the system has IPv6, else IPv4's
     h, err = listen_handle(self, opts, "::")
