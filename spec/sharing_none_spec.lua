@@ -96,6 +96,22 @@ describe("sharing, SCHED_NONE", function()
     for i, w in ipairs(ws) do assert.equal(w.process.pid, answered_by(ask(at(x[i].address.port)))) end
   end)
 
+  it("a listen on \"localhost\" and one on \"127.0.0.1\" are one address: two workers share the port (Node resolves the name first)", function()
+    S.localhost_is_one_address()
+  end)
+
+  it("a server that closes and listens again keeps nothing of its earlier listens", function()
+    S.relisten_keeps_nothing()
+  end)
+
+  it("the master's 'listening' for a relative unix path has the absolute path (Node's path.resolve in the worker)", function()
+    S.relative_path_heard_absolute(tmpdir())
+  end)
+
+  it("a server unref()'d before it listens does not keep its worker alive; a referenced one does", function()
+    S.unrefd_server_lets_worker_exit()
+  end)
+
   it("ipv6Only and backlog pass through to the socket the master binds", function()
     local w = S.fork(1)[1]
     if S.sh("command -v ss >/dev/null 2>&1") then
@@ -137,6 +153,10 @@ describe("sharing, SCHED_NONE", function()
     assert.is_true(H.wait_until(function() return not S.exists(sockdir .. "/" .. name) end, 3000),
       "socket file left behind after the last worker closed it")
     S.unix_socket_gone_with_worker(ws[1], sockdir, name)
+  end)
+
+  it("unix paths spelled differently (\"s.sock\", \"./s.sock\", \"/dir//x/../s.sock\") are one socket, shared (Node's path.resolve)", function()
+    S.path_spellings_share(tmpdir())
   end)
 
   it("closing a worker's relative unix socket never unlinks a same-named file in the master's cwd", function()
@@ -198,6 +218,10 @@ describe("sharing, SCHED_NONE", function()
     local r = S.listen(w, "e", at(port))
     assert.equal("listening", r.ev, r.message)
     assert.equal(w.process.pid, answered_by(ask(at(port))))
+  end)
+
+  it("a master whose working directory is gone gives a worker's too-long relative unix path ENOENT instead of raising", function()
+    S.master_without_cwd_survives(tmpdir(), { CLUSTER_SCHED_POLICY = "none" })
   end)
 
   it("bind-privileged-port (Node test-cluster-bind-privileged-port): without privileges a worker's listen and bind on port 80 get EACCES, syscall bind, and the worker then disconnects and exits 0", function()

@@ -133,6 +133,18 @@ describe("sharing, SCHED_RR", function()
       end
     end)
 
+    it("a listen on \"localhost\" and one on \"127.0.0.1\" are one address: two workers share the port (Node resolves the name first)", function()
+      S.localhost_is_one_address()
+    end)
+
+    it("a server that closes and listens again keeps nothing of its earlier listens", function()
+      S.relisten_keeps_nothing()
+    end)
+
+    it("a round-robin server unref()'d before it listens does not keep its worker alive (as a socket of its own would not); a referenced one does", function()
+      S.unrefd_server_lets_worker_exit()
+    end)
+
     it("exclusive=true bypasses the master: each worker's listen(0) gets its own port and serves it alone", function()
       local ws = S.fork(2)
       local rs = S.listen_all(ws, "x", { port = 0, host = "127.0.0.1", exclusive = true })
@@ -202,6 +214,23 @@ describe("sharing, SCHED_RR", function()
       assert.is_true(H.wait_until(function() return not S.exists(sockdir .. "/" .. name) end, 3000),
         "socket file left behind after the last worker closed it")
       S.unix_socket_gone_with_worker(ws[1], sockdir, name)
+    end)
+
+    it("the master's 'listening' for a relative unix path has the absolute path (Node's path.resolve in the worker)", function()
+      S.relative_path_heard_absolute(tmpdir())
+    end)
+
+    it("a Linux abstract unix name (\"\\0...\") is not made relative to the worker's cwd", function()
+      local w = S.fork(1)[1]
+      local name = "\0luacluster-share-" .. w.process.pid
+      local r = S.listen(w, "abstract", { path = name })
+      assert.equal("listening", r.ev, r.message)
+      assert.equal(name, r.address)
+      assert.equal(w.process.pid, answered_by(ask({ path = name })))
+    end)
+
+    it("unix paths spelled differently (\"s.sock\", \"./s.sock\", \"/dir//x/../s.sock\") are one socket, shared (Node's path.resolve)", function()
+      S.path_spellings_share(tmpdir())
     end)
 
     it("relative unix paths of workers in different directories are different sockets", function()
@@ -653,13 +682,17 @@ describe("sharing, SCHED_RR", function()
       assert.equal(w.process.pid, answered_by(ask(at(port))))
     end)
 
-    it("a listen with no host on a port held on the IPv6 any-address fails with EADDRINUSE", function()
+    it("a listen with no host on a port held on the IPv6 any-address fails with EADDRINUSE, naming the address the master tried", function()
       local hog, port = local_server(0, HAS_IPV6 and "::" or "0.0.0.0")
       local w = S.fork(1)[1]
       local r = S.listen(w, "e", { port = port })
       assert.equal("error", r.ev)
       assert.equal("EADDRINUSE", r.code)
       assert.equal("bind", r.syscall)
+      -- the address the master tried, as a listen of its own would name it
+      local any = HAS_IPV6 and "::" or "0.0.0.0"
+      assert.equal(any, r.address)
+      assert.equal("bind EADDRINUSE " .. any .. ":" .. port, r.message)
       S.close_local(hog)
     end)
 
@@ -673,6 +706,10 @@ describe("sharing, SCHED_RR", function()
       local r = assert(S.take(w, "error", "u"))
       assert.equal("EADDRINUSE", r.code)
       assert.equal("bind", r.syscall)
+    end)
+
+    it("a master whose working directory is gone gives a worker's too-long relative unix path ENOENT instead of raising", function()
+      S.master_without_cwd_survives(tmpdir(), { CLUSTER_SCHED_POLICY = "rr" })
     end)
 
     it("bind-twice (Node test-cluster-bind-twice): a second master's worker gets EADDRINUSE on the port the first master's worker holds, then disconnects and exits 0", function()
@@ -822,6 +859,14 @@ describe("sharing, SCHED_RR", function()
       local by, total = S.tally(S.clients(5, at(port), 1))
       assert.equal(5, total)
       assert.same({ [ws[2].process.pid] = 5 }, by)
+    end)
+
+    it("a worker sending its round-robin server gets an error saying that such a server has no socket to send", function()
+      local w = S.fork(1)[1]
+      assert.equal("listening", S.listen(w, "rr", at(0)).ev)
+      w:send({ cmd = "sendback", tag = "rr" })
+      local r = assert(S.take(w, "senderror", "rr"))
+      assert.matches("worker:send: bad argument #2 (handle): a server shared by round-robin", r.message, 1, true)
     end)
 
     it("a dgram socket passed from a worker to the master and on to another worker keeps receiving there", function()

@@ -21,12 +21,14 @@ local function address_type_of(host, udp_type)
   return 4
 end
 
--- Node's errors say "bind EADDRINUSE 127.0.0.1:8000"
-local function bind_error(code, msg)
-  local where = msg.path or ((msg.address or "0.0.0.0") .. ":" .. tostring(msg.port))
+-- Node's errors say "bind EADDRINUSE 127.0.0.1:8000". host: the address the master
+-- tried (for a listen with no host, "::" or "0.0.0.0", as net's own listen names it).
+local function bind_error(code, msg, host)
+  local address = host or msg.address
+  local where = msg.path or (tostring(address) .. ":" .. tostring(msg.port))
   return {
     code = code, syscall = "bind", message = "bind " .. code .. " " .. where,
-    address = msg.address, port = msg.port, path = msg.path,
+    address = not msg.path and address or nil, port = msg.port, path = msg.path,
   }
 end
 
@@ -53,12 +55,19 @@ local function raw_handle(obj)
   return nil
 end
 
+-- Why obj cannot be sent (raw_handle found no descriptor in it).
+local function unsendable(obj)
+  local net = package.loaded["cluster.net"]
+  if net and getmetatable(obj) == net.Server and obj.listening then
+    return "a server shared by round-robin has no socket of its own to send (listen with exclusive=true, or use SCHED_NONE)"
+  end
+  return "expected a listening net server, a connected net socket or a bound dgram socket"
+end
+
 --- Sends a message with a net/dgram object over a channel (both roles).
 function M.sendWithHandle(channel, message, obj, callback)
   local raw, kind, udp_type = raw_handle(obj)
-  if not raw then
-    errors.raise("worker:send: bad argument #2 (handle): expected a listening net server, a connected net socket or a bound dgram socket")
-  end
+  if not raw then errors.argerror("worker:send", 2, "handle", unsendable(obj)) end
   -- a socket is the receiver's now: the sender stops reading it at once (what arrives
   -- from here on is the receiver's to read), and its copy closes once every send of it
   -- is written
@@ -145,11 +154,13 @@ function M.installMaster(cluster)
   cluster._sharedHandleCount = count_entries
 
   -- Runs fn in directory cwd (nil: where we are) and comes back; fn's results, or the
-  -- chdir error triple when cwd is unreachable.
+  -- error triple when cwd is unreachable or ours is gone (there would be no way back).
   local function with_cwd(cwd, fn)
     if not cwd then return fn() end
-    local here = core.cwd()
-    local ok, msg, code = core.chdir(cwd)
+    local here, msg, code = core.cwd()
+    if not here then return nil, msg, code end
+    local ok
+    ok, msg, code = core.chdir(cwd)
     if not ok then return nil, msg, code end
     local a, b, c = fn()
     core.chdir(here)
@@ -231,7 +242,7 @@ function M.installMaster(cluster)
       name, cwd = bind_name(msg)
       entry.path, entry.cwd = msg.path, cwd
     end
-    local last_code
+    local last_code, last_host
     for _, host in ipairs(hosts) do
       local ok, _, code
       if udp then
@@ -272,10 +283,10 @@ function M.installMaster(cluster)
         entry.host = host
         return entry
       end
-      last_code = code
+      last_code, last_host = code, host
       if code == "EADDRINUSE" or code == "EACCES" then break end
     end
-    return nil, last_code
+    return nil, last_code, not msg.path and last_host or nil
   end
 
   local function sockname(entry)
@@ -311,11 +322,11 @@ function M.installMaster(cluster)
     end
     local entry = entries[msg.key]
     if not entry then
-      local err
-      entry, err = create(msg)
+      local err, host
+      entry, err, host = create(msg)
       if not entry then
         -- the key is forgotten, so a later retry can succeed
-        cluster._sendInternal(worker, { act = "queryReply", seq = msg.seq, err = bind_error(err or "EINVAL", msg) })
+        cluster._sendInternal(worker, { act = "queryReply", seq = msg.seq, err = bind_error(err or "EINVAL", msg, host) })
         return
       end
       entries[msg.key] = entry
@@ -457,27 +468,67 @@ function M.installWorker(cluster)
     end
   end)
 
+  -- A round-robin server has no socket of its own: while it is referenced (not
+  -- unref()'d) it holds the channel instead, which keeps the worker alive as a socket
+  -- would. held: server -> true while it holds.
+  local held = {}
+  local function hold_for(server, referenced)
+    if referenced and not held[server] then
+      held[server] = true
+      cluster._hold()
+    elseif not referenced and held[server] then
+      held[server] = nil
+      cluster._release()
+    end
+  end
+
+  -- An absolute path cleaned up as Node's path.resolve does, without asking the file
+  -- system: no empty or "." segments, and ".." takes away the segment before it.
+  local function normalize(path)
+    local segments = {}
+    for segment in path:gmatch("[^/]+") do
+      if segment == ".." then
+        segments[#segments] = nil
+      elseif segment ~= "." then
+        segments[#segments + 1] = segment
+      end
+    end
+    return "/" .. table.concat(segments, "/")
+  end
+
+  -- A listen's path as the master names it (absolute and normalized, so that
+  -- "s.sock" and "./s.sock" are one socket), and the directory the path is relative
+  -- to (nil for an absolute path or a Linux abstract name, "\0..."); nil when this
+  -- worker's cwd is gone.
+  local function locate(path)
+    local first = path:sub(1, 1)
+    if first == "\0" then return path, nil end
+    if first == "/" then return normalize(path), nil end
+    local cwd = core.cwd()
+    if not cwd then return nil end
+    return normalize(cwd .. "/" .. path), cwd
+  end
+
   function cluster._shareListen(server, opts)
     local address_type = opts.path and -1 or address_type_of(opts.host)
-    local cwd, where = nil, opts.host
+    -- "localhost" is 127.0.0.1, as net's listen outside a worker takes it: one address
+    -- to share whichever way a worker spells it
+    local host = opts.host == "localhost" and "127.0.0.1" or opts.host
+    local cwd, where = nil, host
     if opts.path then
       -- a relative path names a socket in this worker's cwd: two workers in different
       -- directories listening on "s.sock" are two sockets
-      where = opts.path
-      if opts.path:sub(1, 1) ~= "/" then
-        cwd = core.cwd()
-        if not cwd then
-          loop.defer(function()
-            server:_emitError(as_error(bind_error("ENOENT", { path = opts.path })))
-          end)
-          return
-        end
-        where = cwd .. "/" .. opts.path
+      where, cwd = locate(opts.path)
+      if not where then
+        loop.defer(function()
+          server:_emitError(as_error(bind_error("ENOENT", { path = opts.path })))
+        end)
+        return
       end
     end
     local key, release_key = take_key(where, opts.port, address_type)
     query({
-      key = key, address = opts.host, port = opts.port, addressType = address_type,
+      key = key, address = host, port = opts.port, addressType = address_type,
       path = opts.path, cwd = cwd, backlog = opts.backlog,
       ipv6Only = opts.ipv6Only,
     }, function(reply, handle)
@@ -487,20 +538,22 @@ function M.installWorker(cluster)
         return
       end
       shared[server] = key
-      local previous_on_close = server._onClose
+      -- (replaces the hook of an earlier listen of this server, which has closed)
       server._onClose = function(s)
-        if shared[s] == key then
-          shared[s] = nil
-          release_key()
-          if reply.rr then rr_servers[reply.rr] = nil cluster._release() end
-          cluster._sendInternal(nil, { act = "close", key = key })
+        if shared[s] ~= key then return end
+        shared[s] = nil
+        release_key()
+        if reply.rr then
+          rr_servers[reply.rr] = nil
+          hold_for(s, false)
         end
-        if previous_on_close then previous_on_close(s) end
+        cluster._sendInternal(nil, { act = "close", key = key })
       end
       if reply.rr then
-        -- the server has no socket of its own: the channel keeps the worker alive
         rr_servers[reply.rr] = server
-        cluster._hold()
+        hold_for(server, not server._unref)
+        -- for server:ref() / server:unref() from now on (loop.refMethods calls _onRef)
+        server._onRef = function(s) if shared[s] == key then hold_for(s, not s._unref) end end
         server:_setListening(opts.path or reply.sockname)
         -- closed before this answer came: it has let go already, nothing is listening
         if shared[server] ~= key then return end
@@ -510,12 +563,10 @@ function M.installWorker(cluster)
         cluster._sendInternal(nil, { act = "close", key = key })
         return
       end
+      -- the master's 'listening' has the bound family, and a unix path made absolute
       local sockname = reply.sockname
-      if type(sockname) == "table" and address_type == 6 and sockname.family == "IPv4" then
-        address_type = 4
-      end
-      report_listening(type(sockname) == "table" and (sockname.family == "IPv6" and 6 or 4) or address_type,
-        sockname, opts.path)
+      if type(sockname) == "table" then address_type = sockname.family == "IPv6" and 6 or 4 end
+      report_listening(address_type, sockname, opts.path and where)
     end)
   end
 
