@@ -172,6 +172,21 @@ describe("cluster.dgram", function()
     close_all(server, client)
   end)
 
+  it("takes an empty address as none, as Node does: bind on every interface, send to localhost", function()
+    local server = dgram.createSocket("udp4")
+    local got
+    server:on("message", function(msg, rinfo) got = { msg, rinfo.address } end)
+    local bound = false
+    server:bind(0, "", function() bound = true end)
+    assert.is_true(run_until(function() return bound end))
+    assert.are.equal("0.0.0.0", server:address().address)
+    local client = dgram.createSocket("udp4")
+    client:send("hi", server:address().port, "")
+    assert.is_true(run_until(function() return got ~= nil end))
+    assert.are.same({ "hi", "127.0.0.1" }, got)
+    close_all(server, client)
+  end)
+
   it("passes a send failure to the callback", function()
     local s = dgram.createSocket("udp4")
     s:bind(0, "127.0.0.1")

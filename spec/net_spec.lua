@@ -124,6 +124,19 @@ describe("cluster.net", function()
       assert.is_nil(server:address())
     end)
 
+    it("takes an empty host as none, as Node does: listen on every interface, connect to localhost", function()
+      local server = net.createServer(function(sock) sock:close("ok") end)
+      server:listen(0, "")
+      local a = server:address()
+      assert.is_true(a.address == "::" or a.address == "0.0.0.0", a.address)
+      local got = ""
+      local c = net.connect(a.port, "")
+      c:on("data", function(d) got = got .. d end)
+      assert.is_true(run_until(function() return got == "ok" end))
+      assert.are.equal("127.0.0.1", c.remoteAddress)
+      close_server(server)
+    end)
+
     it("emits 'listening' after listen returns, never inside it", function()
       local server = net.createServer()
       local events = {}

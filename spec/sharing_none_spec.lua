@@ -112,6 +112,10 @@ describe("sharing, SCHED_NONE", function()
     S.unrefd_server_lets_worker_exit()
   end)
 
+  it("a server closed while its shared listen is under way can listen again at once: 'close', then 'listening', and it serves (as in Node)", function()
+    S.listen_again_after_close_while_pending()
+  end)
+
   it("ipv6Only and backlog pass through to the socket the master binds", function()
     local w = S.fork(1)[1]
     if S.sh("command -v ss >/dev/null 2>&1") then

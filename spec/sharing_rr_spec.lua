@@ -145,6 +145,10 @@ describe("sharing, SCHED_RR", function()
       S.unrefd_server_lets_worker_exit()
     end)
 
+    it("a server closed while its shared listen is under way can listen again at once: 'close', then 'listening', and it serves (as in Node)", function()
+      S.listen_again_after_close_while_pending()
+    end)
+
     it("exclusive=true bypasses the master: each worker's listen(0) gets its own port and serves it alone", function()
       local ws = S.fork(2)
       local rs = S.listen_all(ws, "x", { port = 0, host = "127.0.0.1", exclusive = true })

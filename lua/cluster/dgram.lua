@@ -77,7 +77,9 @@ local function default_address(self)
   return self.type == "udp6" and "::" or "0.0.0.0"
 end
 
-local function normalize_host(self, host)
+-- host as the kernel takes it; `default` for none or "" (Node's falsy address)
+local function normalize_host(self, host, default)
+  if host == nil or host == "" then host = default end
   if host == "localhost" then return self.type == "udp6" and "::1" or "127.0.0.1" end
   return host
 end
@@ -109,7 +111,7 @@ function Socket:bind(...)
   if self._state ~= "unbound" then
     error(fname .. ": the socket is " .. (self._state == "closed" and "closed" or "already bound"), 2)
   end
-  opts.address = normalize_host(self, opts.address or default_address(self))
+  opts.address = normalize_host(self, opts.address, default_address(self))
   opts.type, opts.reuseAddr, opts.ipv6Only = self.type, self._reuseAddr, self._ipv6Only
   if cb then
     -- a listener of its own, so that a failure removes this one and no other
@@ -236,7 +238,7 @@ function Socket:send(msg, port, address, callback)
   if address ~= nil and type(address) ~= "string" then typeerror(fname, 3, "address", "a string", address) end
   if callback ~= nil and type(callback) ~= "function" then typeerror(fname, 4, "callback", "a function", callback) end
   if self._state == "closed" then error(fname .. ": the socket is closed", 2) end
-  address = normalize_host(self, address or "localhost")
+  address = normalize_host(self, address, "localhost")
   if self._state == "unbound" then self:bind({ port = 0, exclusive = true }) end
   if self._state == "binding" then
     self._queue = self._queue or {}

@@ -712,6 +712,7 @@ local function normalize_connect(fname, ...)
     typeerror(fname, 1, "port", "a port number, a path or an options table", a1)
   end
   if cb ~= nil and type(cb) ~= "function" then typeerror(fname, n, "callback", "a function", cb) end
+  if opts.host == "" then opts.host = nil end -- (Node's falsy host: localhost)
   return opts, cb
 end
 
@@ -907,6 +908,7 @@ local function normalize_listen(...)
     typeerror(fname, 1, "port", "a port number, a path or an options table", a1)
   end
   opts.backlog = opts.backlog or DEFAULT_BACKLOG
+  if opts.host == "" then opts.host = nil end -- (Node's falsy host: every interface)
   opts.exclusive = opts.exclusive or false
   opts.ipv6Only = opts.ipv6Only or false
   return opts, cb
@@ -921,6 +923,13 @@ end
 -- @treturn Server self
 function Server:listen(...)
   local opts, cb = normalize_listen(...)
+  if self._listenPending and self._cancelListen and not self._relisten then
+    -- closed while its shared listen was under way: this listen follows once that one
+    -- is undone (its 'close' first), as Node lets a server listen again after close()
+    local args = table.pack(...)
+    self._relisten = function() return self:listen(table.unpack(args, 1, args.n)) end
+    return self
+  end
   if self._handle or self.listening or self._listenPending then
     error("server:listen: the server is already listening", 2)
   end
@@ -1135,7 +1144,13 @@ function Server:_listenCancelled()
   local cancelled = self._cancelListen
   self._listenPending, self._cancelListen = false, false
   if cancelled then
-    defer(function() self:emit("close") end)
+    local relisten = self._relisten
+    self._relisten = nil
+    -- (deferred: the cluster layer lets go of the cancelled listen first)
+    defer(function()
+      self:emit("close")
+      if relisten then relisten() end
+    end)
     return true
   end
   return false
@@ -1160,6 +1175,7 @@ function Server:close(callback)
     -- a shared listen is under way: it is undone when its answer comes
     if callback then self:once("close", callback) end
     self._cancelListen = true
+    self._relisten = nil -- a listen asked for after an earlier close() is off too
     return self
   end
   if not self.listening and not self._handle then
