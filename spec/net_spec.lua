@@ -137,6 +137,15 @@ describe("cluster.net", function()
       close_server(server)
     end)
 
+    it("refuses a unix path with a NUL byte (a Linux abstract name, which libuv would cut short), naming the argument", function()
+      local ok, err = pcall(net.createServer().listen, net.createServer(), "\0luacluster-abstract")
+      assert.is_false(ok)
+      assert.matches("server:listen: bad argument #1 (path): must not contain a NUL byte", err, 1, true)
+      ok, err = pcall(net.connect, { path = "\0luacluster-abstract" })
+      assert.is_false(ok)
+      assert.matches("net.connect: bad argument #1 (path): must not contain a NUL byte", err, 1, true)
+    end)
+
     it("emits 'listening' after listen returns, never inside it", function()
       local server = net.createServer()
       local events = {}

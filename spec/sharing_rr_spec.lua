@@ -224,15 +224,6 @@ describe("sharing, SCHED_RR", function()
       S.relative_path_heard_absolute(tmpdir())
     end)
 
-    it("a Linux abstract unix name (\"\\0...\") is not made relative to the worker's cwd", function()
-      local w = S.fork(1)[1]
-      local name = "\0luacluster-share-" .. w.process.pid
-      local r = S.listen(w, "abstract", { path = name })
-      assert.equal("listening", r.ev, r.message)
-      assert.equal(name, r.address)
-      assert.equal(w.process.pid, answered_by(ask({ path = name })))
-    end)
-
     it("unix paths spelled differently (\"s.sock\", \"./s.sock\", \"/dir//x/../s.sock\") are one socket, shared (Node's path.resolve)", function()
       S.path_spellings_share(tmpdir())
     end)

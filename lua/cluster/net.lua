@@ -70,6 +70,14 @@ local function kind_of(stream)
   return nil
 end
 
+-- A unix socket path: libuv (1.44) takes names up to their first NUL, so a Linux
+-- abstract name ("\0name") would bind or reach a different socket; refused instead.
+local function check_path(fname, n, path)
+  if path:find("\0", 1, true) then
+    argerror(fname, n, "path", "must not contain a NUL byte (abstract socket names are not supported)")
+  end
+end
+
 -- "localhost" is 127.0.0.1 without asking the resolver (the C core does the same), so
 -- that errors name the address tried, as Node's do.
 local function numeric_localhost(host)
@@ -712,6 +720,7 @@ local function normalize_connect(fname, ...)
     typeerror(fname, 1, "port", "a port number, a path or an options table", a1)
   end
   if cb ~= nil and type(cb) ~= "function" then typeerror(fname, n, "callback", "a function", cb) end
+  if opts.path then check_path(fname, 1, opts.path) end
   if opts.host == "" then opts.host = nil end -- (Node's falsy host: localhost)
   return opts, cb
 end
@@ -907,6 +916,7 @@ local function normalize_listen(...)
   else
     typeerror(fname, 1, "port", "a port number, a path or an options table", a1)
   end
+  if opts.path then check_path(fname, 1, opts.path) end
   opts.backlog = opts.backlog or DEFAULT_BACKLOG
   if opts.host == "" then opts.host = nil end -- (Node's falsy host: every interface)
   opts.exclusive = opts.exclusive or false

@@ -498,12 +498,9 @@ function M.installWorker(cluster)
 
   -- A listen's path as the master names it (absolute and normalized, so that
   -- "s.sock" and "./s.sock" are one socket), and the directory the path is relative
-  -- to (nil for an absolute path or a Linux abstract name, "\0..."); nil when this
-  -- worker's cwd is gone.
+  -- to (nil for an absolute path); nil when this worker's cwd is gone.
   local function locate(path)
-    local first = path:sub(1, 1)
-    if first == "\0" then return path, nil end
-    if first == "/" then return normalize(path), nil end
+    if path:sub(1, 1) == "/" then return normalize(path), nil end
     local cwd = core.cwd()
     if not cwd then return nil end
     return normalize(cwd .. "/" .. path), cwd
