@@ -23,6 +23,7 @@ int luaopen_cluster_core(lua_State *L) {
   cl_open_alloc(L);
   cl_open_loop(L);
   cl_open_timer(L);
+  cl_open_idle(L);
   cl_open_codec(L);
   cl_open_process(L);
   cl_open_channel(L);

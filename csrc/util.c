@@ -219,7 +219,22 @@ int cl_push_cb(cl_handle *h, int slot) {
   return 1;
 }
 
+/* The message handler of callbacks: a string gets the traceback appended, as lua.c's
+ * does. A table (an error object) stays the same object, so that whoever catches it
+ * from run() can read its fields; it gets the traceback as its field `traceback` (as
+ * Node's errors carry `stack`) unless it has one. */
 static int traceback(lua_State *L) {
+  if (lua_type(L, 1) == LUA_TTABLE) {
+    lua_settop(L, 1);
+    lua_pushliteral(L, "traceback");
+    if (lua_rawget(L, 1) == LUA_TNIL) { /* (raw: no metamethod may run, nor raise, here) */
+      lua_pushliteral(L, "traceback");
+      luaL_traceback(L, L, NULL, 1);
+      lua_rawset(L, 1);
+    }
+    lua_settop(L, 1);
+    return 1;
+  }
   const char *msg = lua_tostring(L, 1);
   if (msg == NULL && !lua_isnoneornil(L, 1)) {
     if (luaL_callmeta(L, 1, "__tostring") && lua_type(L, -1) == LUA_TSTRING) return 1;

@@ -41,6 +41,7 @@ typedef struct cl_handle {
     uv_pipe_t pipe;
     uv_udp_t udp;
     uv_timer_t timer;
+    uv_idle_t idle;
     uv_process_t process;
     uv_signal_t signal;
     uv_poll_t poll;
@@ -121,6 +122,7 @@ int cl_check_signal(lua_State *L, int idx, const char *fname);
 void cl_open_alloc(lua_State *L);
 void cl_open_loop(lua_State *L);
 void cl_open_timer(lua_State *L);
+void cl_open_idle(lua_State *L);
 void cl_open_codec(lua_State *L);
 void cl_open_process(lua_State *L);
 void cl_open_channel(lua_State *L);

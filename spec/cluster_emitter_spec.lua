@@ -135,4 +135,90 @@ describe("cluster events", function()
     assert.truthy(tostring(err):find("once: bad argument #2 (listener)", 1, true))
     H.finish()
   end)
+
+  it("off removes, of a listener added more than once, the one added last (Node's order)", function()
+    local e = Emitter.new()
+    local calls = {}
+    local f = function() calls[#calls + 1] = "f" end
+    local g = function() calls[#calls + 1] = "g" end
+    e:on("x", f):on("x", g):on("x", f)
+    e:off("x", f)
+    e:emit("x")
+    assert.same({ "f", "g" }, calls)
+    -- on(f) then once(f): off(f) removes the once, so f stays for every emit
+    local n = 0
+    local h = function() n = n + 1 end
+    e:on("y", h):once("y", h):off("y", h)
+    e:emit("y")
+    e:emit("y")
+    assert.equal(2, n)
+    H.finish()
+  end)
+
+  it("a once listener fired by a nested emit is not called again by the emit that began before it", function()
+    local e = Emitter.new()
+    local calls = {}
+    local nested = false
+    e:on("x", function()
+      calls[#calls + 1] = "a"
+      if not nested then
+        nested = true
+        e:emit("x")
+      end
+    end)
+    e:once("x", function() calls[#calls + 1] = "once" end)
+    e:emit("x")
+    assert.same({ "a", "a", "once" }, calls)
+    H.finish()
+  end)
+
+  it("'error' with no listener raises its argument (Node throws); with a listener, the listener gets it", function()
+    local e = Emitter.new()
+    local err = { code = "EX" }
+    local ok, raised = pcall(e.emit, e, "error", err)
+    assert.is_false(ok)
+    assert.equal(err, raised)
+    ok, raised = pcall(e.emit, e, "error")
+    assert.is_false(ok)
+    assert.equal("ERR_UNHANDLED_ERROR", raised.code)
+    local got
+    e:once("error", function(x) got = x end)
+    assert.is_true(e:emit("error", err))
+    assert.equal(err, got)
+    assert.is_false(pcall(e.emit, e, "error", err)) -- (the once listener is gone)
+    H.finish()
+  end)
+
+  it("listeners() gives a copy of an event's listeners in order, once listeners as given", function()
+    local e = Emitter.new()
+    local f, g = function() end, function() end
+    assert.same({}, e:listeners("x"))
+    e:on("x", f)
+    assert.same({ f }, e:listeners("x"))
+    e:once("x", g)
+    local list = e:listeners("x")
+    assert.same({ f, g }, list)
+    list[1] = nil
+    assert.equal(2, e:listenerCount("x"))
+    -- on the cluster module, with a dot as its other emitter functions
+    local cluster = require "cluster"
+    cluster.on("luacluster-test-event", f)
+    assert.same({ f }, cluster.listeners("luacluster-test-event"))
+    cluster.off("luacluster-test-event", f)
+    H.finish()
+  end)
+
+  it("off and removeAllListeners raise on a bad event name or listener, naming the method", function()
+    local e = Emitter.new()
+    local ok, err = pcall(e.off, e, "x", 42)
+    assert.is_false(ok)
+    assert.truthy(tostring(err):find("off: bad argument #2 (listener)", 1, true), tostring(err))
+    ok, err = pcall(e.off, e, {}, print)
+    assert.is_false(ok)
+    assert.truthy(tostring(err):find("off: bad argument #1 (event name)", 1, true), tostring(err))
+    ok, err = pcall(e.removeAllListeners, e, 7)
+    assert.is_false(ok)
+    assert.truthy(tostring(err):find("removeAllListeners: bad argument #1 (event name)", 1, true), tostring(err))
+    H.finish()
+  end)
 end)

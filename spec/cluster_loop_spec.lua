@@ -261,6 +261,37 @@ describe("cluster loop and timers", function()
     H.finish()
   end)
 
+  it("an error object raised in a callback reaches run()'s caller as the same object, its traceback in the field 'traceback'", function()
+    local thrown = { code = "EDEMO", message = "demo failed" }
+    local function callback_that_throws() error(thrown) end
+    cluster.setTimeout(function() callback_that_throws() end, 0)
+    local ok, err = pcall(cluster.run)
+    assert.is_false(ok)
+    assert.are.equal(thrown, err)
+    assert.are.equal("EDEMO", err.code)
+    has(err.traceback, "stack traceback", "callback_that_throws")
+    -- one that has a traceback of its own keeps it
+    local own = { traceback = "mine" }
+    cluster.setTimeout(function() error(own) end, 0)
+    ok, err = pcall(cluster.run)
+    assert.are.equal(own, err)
+    assert.are.equal("mine", err.traceback)
+    H.finish()
+  end)
+
+  it("a deferred call's own deferred calls run on the next turns, without waiting for the clock", function()
+    local hops, timer_fired_at = 0, nil
+    local function hop()
+      hops = hops + 1
+      if hops < 100 then cluster.defer(hop) end
+    end
+    cluster.defer(hop)
+    cluster.setTimeout(function() timer_fired_at = hops end, 50)
+    assert.is_true(H.wait_until(function() return timer_fired_at ~= nil end, 3000))
+    assert.are.equal(100, timer_fired_at) -- all 100 turns came before a 50 ms timer
+    H.finish()
+  end)
+
   it("a deferred call that raises does not lose the deferred calls queued after it", function()
     local ran = {}
     cluster.defer(function() ran[#ran + 1] = 1 end)
@@ -331,6 +362,97 @@ describe("cluster loop and timers", function()
     assert.is_false(ok)
     has(tostring(err), "listener failed")
     w:kill()
+    H.finish()
+  end)
+
+  it("a delay counts from the call, not from the loop's clock: a timer started after a long computation (in a callback, or after poll()) waits its whole delay", function()
+    local function busy(ms)
+      local t0 = core.hrtime()
+      while (core.hrtime() - t0) * 1000 < ms do end
+    end
+    local waited = {}
+    local function start(tag)
+      local started = core.hrtime()
+      cluster.setTimeout(function() waited[tag] = (core.hrtime() - started) * 1000 end, 100)
+    end
+    cluster.poll()
+    busy(200) -- (the loop's clock stays where poll() left it)
+    start("outside")
+    cluster.setTimeout(function()
+      busy(200)
+      start("callback")
+    end, 1)
+    assert.is_true(H.wait_until(function() return waited.outside and waited.callback end, 5000))
+    -- (libuv counts whole milliseconds: 1 ms of rounding)
+    assert.is_true(waited.outside >= 99, "fired after " .. waited.outside .. " ms")
+    assert.is_true(waited.callback >= 99, "fired after " .. waited.callback .. " ms")
+    H.finish()
+  end)
+
+  it("a delay below 1 ms is 1 ms, as in Node: setTimeout(a, 1) then setTimeout(b, 0) run a, b", function()
+    local order = {}
+    cluster.setTimeout(function() order[#order + 1] = "1ms" end, 1)
+    cluster.setTimeout(function() order[#order + 1] = "0ms" end, 0)
+    cluster.setTimeout(function() order[#order + 1] = "0.5ms" end, 0.5)
+    assert.is_true(H.wait_until(function() return #order == 3 end, 2000))
+    assert.same({ "1ms", "0ms", "0.5ms" }, order)
+    H.finish()
+  end)
+
+  it("a timeout that starts itself again at 0 ms, or a deferred call that defers itself again, lets the loop go on to other timers", function()
+    for _, again in ipairs { "setTimeout", "defer" } do
+      local runs, stop, runs_seen = 0, false, nil
+      local function chain()
+        runs = runs + 1
+        if stop or runs >= 10000 then return end
+        if again == "defer" then cluster.defer(chain) else cluster.setTimeout(chain, 0) end
+      end
+      chain()
+      cluster.setTimeout(function() stop, runs_seen = true, runs end, 20)
+      assert.is_true(H.wait_until(function() return runs_seen ~= nil end, 5000))
+      -- (held in one turn, the chain would have run to its end before the other timer)
+      assert.is_true(runs_seen < 10000, again .. ": the other timer came after " .. runs_seen .. " runs")
+      H.run_for(20)
+    end
+    H.finish()
+  end)
+
+  it("timer:unref() lets run() end without the timer, hasRef() tells, ref() undoes it", function()
+    local fired = {}
+    local t = cluster.setTimeout(function() fired.unrefd = true end, 60000)
+    assert.is_true(t:hasRef())
+    assert.equal(t, t:unref())
+    assert.is_false(t:hasRef())
+    local i = cluster.setInterval(function() fired.interval = true end, 60000):unref()
+    local r = cluster.setTimeout(function() fired.reffed = true end, 20):unref():ref()
+    assert.is_true(r:hasRef())
+    local stopped, guard = run_guarded(5000)
+    assert.is_false(guard)
+    assert.is_false(stopped)
+    assert.same({ reffed = true }, fired)
+    cluster.clearTimeout(t)
+    cluster.clearInterval(i)
+    H.finish()
+  end)
+
+  it("cluster.stop() in a callback makes run() return; the next run() goes on with what is left", function()
+    local order = {}
+    cluster.setTimeout(function() order[#order + 1] = "a" cluster.stop() end, 1)
+    cluster.setTimeout(function() order[#order + 1] = "b" end, 30)
+    local stopped, guard = run_guarded(5000)
+    assert.is_true(stopped)
+    assert.is_false(guard)
+    assert.same({ "a" }, order)
+    stopped, guard = run_guarded(5000)
+    assert.is_false(stopped)
+    assert.is_false(guard)
+    assert.same({ "a", "b" }, order)
+    H.finish()
+  end)
+
+  it("cluster.defer raises on a callback that is not a function, naming it", function()
+    has(raised(cluster.defer, nil), "defer", "callback", "nil")
+    has(raised(cluster.defer, "f"), "defer", "callback", "string")
     H.finish()
   end)
 end)

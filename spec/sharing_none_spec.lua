@@ -108,7 +108,7 @@ describe("sharing, SCHED_NONE", function()
     S.relative_path_heard_absolute(tmpdir())
   end)
 
-  it("a server unref()'d before it listens does not keep its worker alive; a referenced one does", function()
+  it("a server unref()'d before or after it listens does not keep its worker alive; a referenced one does", function()
     S.unrefd_server_lets_worker_exit()
   end)
 

@@ -141,7 +141,7 @@ describe("sharing, SCHED_RR", function()
       S.relisten_keeps_nothing()
     end)
 
-    it("a round-robin server unref()'d before it listens does not keep its worker alive (as a socket of its own would not); a referenced one does", function()
+    it("a round-robin server unref()'d before or after it listens does not keep its worker alive (as a socket of its own would not); a referenced one does", function()
       S.unrefd_server_lets_worker_exit()
     end)
 

@@ -54,8 +54,14 @@ describe("supervise: recycling", function()
 
   -- Checks that `old` was replaced gracefully: the replacement got ready before the old
   -- one disconnected, and the old one exited 0.
+  -- The replacement of `old` once its 'fork' has come (a turn after 'recycle').
+  local function await_replacement(rec, old)
+    H.wait_until(function() return replacement_of(rec, old) ~= nil end, 3000)
+    return replacement_of(rec, old)
+  end
+
   local function check_graceful(rec, old)
-    local new = replacement_of(rec, old)
+    local new = await_replacement(rec, old)
     assert.truthy(new, "no replacement for " .. old .. "\n" .. rec.dump())
     assert.is_true(H.wait_until(rec.has("exit", 1, { id = old }), 5000), rec.dump())
     local ready, gone
@@ -138,7 +144,7 @@ describe("supervise: recycling", function()
     local old = select(1, next(cluster.workers))
     R.write(control, "crash")
     assert.is_true(H.wait_until(rec.has("recycle", 1, { id = old }), 3000), rec.dump())
-    local failed = replacement_of(rec, old)
+    local failed = await_replacement(rec, old)
     assert.truthy(failed, rec.dump())
     assert.is_true(H.wait_until(rec.has("exit", 1, { id = failed }), 3000), rec.dump())
     H.run_for(150)

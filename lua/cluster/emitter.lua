@@ -41,11 +41,12 @@ end
 
 local function is_list(cur) return getmetatable(cur) == List end
 
-local function check(fname, name, fn)
+-- `optional`: the listener may be nil (off)
+local function check(fname, name, fn, optional)
   if type(name) ~= "string" then
     errors.raise(fname .. ": bad argument #1 (event name): expected a string, got " .. type(name))
   end
-  if type(fn) ~= "function" then
+  if type(fn) ~= "function" and not (optional and fn == nil) then
     errors.raise(fname .. ": bad argument #2 (listener): expected a function, got " .. type(fn))
   end
 end
@@ -82,7 +83,11 @@ local wrapped = setmetatable({}, { __mode = "k" })
 function Emitter:once(name, fn)
   check("once", name, fn)
   local wrapper
+  local fired = false
   wrapper = function(...)
+    -- (an emit that began before a nested one fired it still holds it: not again)
+    if fired then return end
+    fired = true
     self:off(name, wrapper)
     return fn(...)
   end
@@ -90,22 +95,29 @@ function Emitter:once(name, fn)
   return Emitter.on(self, name, wrapper)
 end
 
---- Removes a listener (or, with no function, all listeners of that event). @treturn self
+--- Removes a listener: of one added more than once, the one added last, as in Node
+-- (with no function, all listeners of that event). @treturn self
 function Emitter:off(name, fn)
+  if type(name) ~= "string" or (fn ~= nil and type(fn) ~= "function") then check("off", name, fn, true) end
   local all = self._listeners
   local cur = all and all[name]
   if not cur then return self end
   if fn == nil then
     all[name] = nil
   elseif not is_list(cur) then
-    if cur == fn or wrapped[cur] == fn then all[name] = nil end
+    if cur ~= fn and wrapped[cur] ~= fn then return self end
+    all[name] = nil
   else
+    local at = nil
+    for i = #cur, 1, -1 do
+      local l = cur[i]
+      if l == fn or wrapped[l] == fn then at = i break end
+    end
+    if not at then return self end
     -- copy-on-write: an emit in progress keeps iterating the old array
     local kept = {}
-    local removed = false
     for i = 1, #cur do
-      local l = cur[i]
-      if not removed and (l == fn or wrapped[l] == fn) then removed = true else kept[#kept + 1] = l end
+      if i ~= at then kept[#kept + 1] = cur[i] end
     end
     all[name] = #kept > 1 and setmetatable(kept, List) or kept[1]
   end
@@ -118,7 +130,10 @@ Emitter.removeListener = Emitter.off
 --- Removes every listener of `name`, or with no name every listener of every event
 -- (each event's removal is seen as off() shows it). @treturn self
 function Emitter:removeAllListeners(name)
-  if name ~= nil then return self:off(name) end
+  if name ~= nil then
+    if type(name) ~= "string" then check("removeAllListeners", name, nil, true) end
+    return self:off(name)
+  end
   local all = self._listeners
   if not all then return self end
   self._listeners = false
@@ -137,11 +152,36 @@ function Emitter:listenerCount(name)
   return is_list(cur) and #cur or 1
 end
 
+--- The listeners of an event, in the order they run (a new array; a once() listener
+-- appears as the function given to once, as in Node). @treturn table
+function Emitter:listeners(name)
+  local all = self._listeners
+  local cur = all and all[name]
+  if not cur then return {} end
+  local list = is_list(cur) and cur or { cur }
+  local copy = {}
+  for i = 1, #list do copy[i] = wrapped[list[i]] or list[i] end
+  return copy
+end
+
+-- 'error' with no listener raises its argument, as Node throws (unless the emitter has
+-- an `_onUnheardError(emitter, err)` to take such errors; see errors.emit).
+local function unheard_error(self, err, ...)
+  local unheard = self._onUnheardError
+  if unheard then unheard(self, err, ...) return false end
+  if err == nil then err = errors.new("ERR_UNHANDLED_ERROR", nil, "Unhandled error.") end
+  error(err, 0)
+end
+
 --- Calls every listener of `name` with the arguments. Returns true if there was any.
+-- An 'error' nobody listens for raises its argument (Node's rule).
 function Emitter:emit(name, ...)
   local all = self._listeners
   local cur = all and all[name]
-  if not cur then return false end
+  if not cur then
+    if name == "error" then return unheard_error(self, ...) end
+    return false
+  end
   cur(...)
   return true
 end

@@ -11,7 +11,7 @@ local cluster = Emitter.new()
 -- Events on the module are called with a dot, as in Node (cluster.on("exit", fn));
 -- the colon form works too.
 for _, name in ipairs { "on", "once", "off", "addListener", "removeListener",
-                        "removeAllListeners", "listenerCount", "emit" } do
+                        "removeAllListeners", "listenerCount", "listeners", "emit" } do
   local method = Emitter[name]
   cluster[name] = function(first, ...)
     if first == cluster then return method(cluster, ...) end

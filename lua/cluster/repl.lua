@@ -8,19 +8,39 @@ local errors = require "cluster.errors"
 
 local M = {}
 
-local function print_results(n, ...)
-  if n == 0 then return end
-  local parts = {}
-  for i = 1, n do parts[i] = tostring((select(i, ...))) end
-  io.stdout:write(table.concat(parts, "\t"), "\n")
-  io.stdout:flush()
+-- An error's text as lua.c shows it: a string, or what __tostring gives, or its type.
+local function error_text(err)
+  if type(err) == "string" then return err end
+  local mt = getmetatable(err)
+  if type(mt) == "table" and mt.__tostring then
+    local ok, text = pcall(tostring, err)
+    if ok and type(text) == "string" then return text end
+  end
+  return "(error object is a " .. type(err) .. " value)"
 end
 
 local function report(msg)
-  -- drop the frames of the REPL itself from tracebacks
-  msg = tostring(msg):gsub("\n\t%[C%]: in function '[^']*call_interruptible'.*$", "")
+  -- drop the frames of the REPL itself from tracebacks (those under the statement, or
+  -- under the callback that failed)
+  msg = error_text(msg):gsub("\n\t%[C%]: in function '[^']*call_interruptible'.*$", "")
+    :gsub("\n\t%[C%]: in function 'cluster%.core%.run'.*$", "")
   io.stderr:write(msg, "\n")
   io.stderr:flush()
+end
+
+local function results_text(n, ...)
+  local parts = {}
+  for i = 1, n do parts[i] = tostring((select(i, ...))) end
+  return table.concat(parts, "\t")
+end
+
+-- (a value whose __tostring fails is reported as lua.c does, and the prompt goes on)
+local function print_results(n, ...)
+  if n == 0 then return end
+  local ok, text = pcall(results_text, n, ...)
+  if not ok then return report("error calling 'print' (" .. error_text(text) .. ")") end
+  io.stdout:write(text, "\n")
+  io.stdout:flush()
 end
 
 -- Compiles a chunk the way lua.c does: first as an expression, then as a statement.
@@ -56,9 +76,13 @@ function M.start(cluster, options)
       done = true
       io.stdout:write("\n")
       io.stdout:flush()
+      -- a statement left unfinished is not dropped silently ("'end' expected near <eof>")
+      if buffer then report(select(2, load(buffer, "=stdin", "t", env))) end
       core.stop()
       return
     end
+    -- "=expr" on a first line is "return expr", as in lua5.4 -i
+    if not buffer and line:sub(1, 1) == "=" then line = "return " .. line:sub(2) end
     local source = buffer and (buffer .. "\n" .. line) or line
     local fn, err = compile(source, env)
     if not fn and err == "incomplete" then
@@ -102,7 +126,10 @@ function M.start(cluster, options)
   while not done do
     local ok, err = pcall(core.run)
     if not ok then
-      report(err) -- an error in a callback: show it and keep the prompt
+      -- an error in a callback: show it and keep the prompt (and the line being typed)
+      core.readline_hide()
+      report(err)
+      core.readline_show()
     elseif not done and not core.alive() then
       break
     end
