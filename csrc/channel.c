@@ -239,6 +239,13 @@ static uint32_t get_le32(const char *p) {
   return (uint32_t)u[0] | ((uint32_t)u[1] << 8) | ((uint32_t)u[2] << 16) | ((uint32_t)u[3] << 24);
 }
 
+/* Rolls b back to `start` after a refused frame; a buffer holding nothing else lets go
+ * of what the refused frame made it grow to (a message over the limit may be huge). */
+static void refuse_frame(cl_buf *b, size_t start) {
+  b->len = start;
+  if (start == 0 && b->cap > 1024 * 1024) cl_buf_free(b);
+}
+
 /* Encodes value at idx as a frame appended to b. Returns 0, or -1 with the message for
  * a value that can't be sent on the stack (b as it was): the caller raises it, after
  * freeing what it must. */
@@ -250,15 +257,15 @@ static int encode_frame(lua_State *L, cl_buf *b, int idx, int flags, const char 
   }
   b->len += CL_FRAME_HEADER;
   if (cl_codec_encode(L, idx, b, "message") != 0) {
-    b->len = start;
+    refuse_frame(b, start);
     lua_pushfstring(L, "%s: %s", fname, lua_tostring(L, -1));
     return -1;
   }
   size_t payload = b->len - start - CL_FRAME_HEADER;
   if (payload > CL_MAX_MESSAGE) {
-    b->len = start;
-    lua_pushfstring(L, "%s: message is %d bytes encoded, over the limit of %d bytes", fname,
-                    (int)payload, (int)CL_MAX_MESSAGE);
+    refuse_frame(b, start);
+    lua_pushfstring(L, "%s: message is %I bytes encoded, over the limit of %d bytes", fname,
+                    (lua_Integer)payload, (int)CL_MAX_MESSAGE);
     return -1;
   }
   put_le32(b->data + start, (uint32_t)payload);
@@ -277,7 +284,18 @@ static void add_cb(lua_State *L, int *slot, int idx) {
   lua_pop(L, 1);
 }
 
-/* ch:send(internal, value[, handle][, callback]) -> true
+/* Bytes waiting to be written past which send answers false (Node's: twice 64 KiB
+ * queued on its channel): the message still goes; the sender may wait for a callback. */
+#define SEND_BACKLOG_LIMIT (128 * 1024)
+
+/* Pushes send's answer: true, or false once SEND_BACKLOG_LIMIT bytes or more wait. */
+static int push_backlog_ok(lua_State *L, cl_channel *ch) {
+  lua_pushboolean(L, ch->out.len + uv_stream_get_write_queue_size(&ch->h.u.stream) < SEND_BACKLOG_LIMIT);
+  return 1;
+}
+
+/* ch:send(internal, value[, handle][, callback]) -> true | false (sent, but the backlog
+ * is over SEND_BACKLOG_LIMIT) | nil, msg, code (not sent).
  * Raises when the value can't be encoded or is over the size limit. */
 static int ch_send(lua_State *L) {
   cl_channel *ch = check_channel(L, 1);
@@ -295,8 +313,7 @@ static int ch_send(lua_State *L) {
     if (encode_frame(L, &ch->out, 3, flags, "worker:send") != 0) return lua_error(L);
     if (!lua_isnoneornil(L, 5)) add_cb(L, &ch->out_cbs, 5);
     schedule_flush(ch);
-    lua_pushboolean(L, 1);
-    return 1;
+    return push_backlog_ok(L, ch);
   }
   cl_buf frame = {0};
   if (encode_frame(L, &frame, 3, flags | CL_FRAME_HANDLE, "worker:send") != 0) {
@@ -313,8 +330,7 @@ static int ch_send(lua_State *L) {
     luaL_unref(L, LUA_REGISTRYINDEX, cbs);
     return cl_push_fail(L, err, "send");
   }
-  lua_pushboolean(L, 1);
-  return 1;
+  return push_backlog_ok(L, ch);
 }
 
 static char *put_addr(char *p, const struct sockaddr *sa) {
@@ -533,7 +549,19 @@ static void report_close(cl_channel *ch, const char *why) {
   }
 }
 
+/* The channel is gone: frames still waiting in `out` will never leave. Their send
+ * callbacks get EPIPE, before the close is reported, as Node's do. */
+static void drop_out(cl_channel *ch) {
+  int cbs = ch->out_cbs;
+  ch->out_cbs = LUA_NOREF;
+  ch->out.len = 0;
+  release_answers(ch);
+  unlink_flush(ch);
+  run_write_cbs(ch->h.L, cbs, UV_EPIPE);
+}
+
 static void fail_channel(cl_channel *ch, const char *why) {
+  drop_out(ch);
   report_close(ch, why);
   if (!cl_handle_is_closing(&ch->h)) {
     uv_read_stop(&ch->h.u.stream);
@@ -885,4 +913,6 @@ void cl_open_channel(lua_State *L) {
   if (!exit_flush_registered && atexit(flush_channels_at_exit) == 0) exit_flush_registered = 1;
   lua_pushcfunction(L, l_channel_open);
   lua_setfield(L, -2, "channel_open");
+  lua_pushinteger(L, SEND_BACKLOG_LIMIT);
+  lua_setfield(L, -2, "SEND_BACKLOG_LIMIT");
 }

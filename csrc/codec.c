@@ -317,8 +317,14 @@ static int enc_table(encoder *e, int idx) {
   lua_State *L = e->L;
   cl_buf *b = e->b;
   const void *self = lua_topointer(L, idx);
-  e->tables++;
   int lvl = e->depth;
+  /* Checked as the walk goes: a table reached by many paths (t = {t, t}, forty times
+   * over) is encoded once per path, and the walk would not end in a lifetime. */
+  if (++e->tables > CL_CODEC_MAX_TABLES) {
+    lua_pushfstring(L, "%s holds more than %d tables (counting a table once per path to it), more than a receiver takes",
+                    e->root, CL_CODEC_MAX_TABLES);
+    return -1;
+  }
   lua_Unsigned border, narr = 0, npairs = 0;
   size_t hdr, hpos, body, gmin, want;
   unsigned char *p;
@@ -459,11 +465,6 @@ int cl_codec_encode(lua_State *L, int idx, cl_buf *b, const char *root) {
     return -1;
   }
   lua_settop(L, base);
-  if (e.tables > CL_CODEC_MAX_TABLES) { /* (what the receiving decoder would refuse) */
-    lua_pushfstring(L, "%s holds %I tables, more than a receiver takes (%d)", e.root, (lua_Integer)e.tables,
-                    CL_CODEC_MAX_TABLES);
-    return -1;
-  }
   return 0;
 }
 

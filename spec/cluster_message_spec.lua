@@ -303,9 +303,122 @@ describe("cluster messages", function()
     H.finish()
   end)
 
+  it("a send the channel's end leaves unwritten still calls back (EPIPE, as Node), before 'disconnect'", function()
+    w:kill()
+    cluster.setupMaster { exec = H.fixture("msg_worker.lua") }
+    local v = cluster.fork({ FIXTURE_MODE = "bye" })
+    cluster.setupMaster { exec = H.fixture("worker.lua") }
+    local events = {}
+    v:on("message", function()
+      v:send("reply", function(err) events[#events + 1] = "callback " .. (err and err.code or "ok") end)
+    end)
+    v:on("disconnect", function() events[#events + 1] = "disconnect" end)
+    v:on("exit", function() events[#events + 1] = "exit" end)
+    -- the loop does not run until the worker is gone: its message and the end of its
+    -- channel wait to be read in one turn
+    local t = os.time()
+    while H.alive(v.process.pid) and os.time() - t < 5 do end
+    assert.is_true(H.wait_until(function() return #events == 3 end, 5000), table.concat(events, ", "))
+    -- (the reply may also have gone out before the channel's end was read: then "ok")
+    assert.is_truthy(events[1] == "callback EPIPE" or events[1] == "callback ok", table.concat(events, ", "))
+    assert.same({ "disconnect", "exit" }, { events[2], events[3] })
+    H.finish()
+  end)
+
   it("worker:send returns true while connected", function()
     assert.is_true(w:send("x"))
     w:kill()
+    H.finish()
+  end)
+
+  it("worker:send returns false once Worker.BACKLOG_LIMIT bytes wait to be written (Node's hint), and the message still goes", function()
+    local Worker = require "cluster.worker"
+    assert.equal(128 * 1024, Worker.BACKLOG_LIMIT)
+    local got, after = {}, nil
+    w:on("message", function(m) got[#got + 1] = m end)
+    assert.is_true(w:send("small"))
+    assert.is_false(w:send(string.rep("b", Worker.BACKLOG_LIMIT), H.expect(function(err)
+      assert.is_nil(err)
+      after = w:send("after")
+    end)))
+    assert.is_true(H.wait_until(function() return #got == 3 end, 5000))
+    assert.is_true(after)
+    assert.same({ "small", string.rep("b", Worker.BACKLOG_LIMIT), "after" }, got)
+    w:kill()
+    H.finish()
+  end)
+
+  it("cluster.worker:send returns false once Worker.BACKLOG_LIMIT bytes wait to be written, and the message still goes", function()
+    w:kill()
+    cluster.setupMaster { exec = H.fixture("msg_worker.lua") }
+    local v = cluster.fork({ FIXTURE_MODE = "backlog" })
+    local got = {}
+    v:on("message", function(m) got[#got + 1] = m end)
+    v:send({ size = 200 * 1024 })
+    assert.is_true(H.wait_until(function() return #got == 4 end, 5000))
+    assert.equal("small", got[1])
+    assert.equal(string.rep("b", 200 * 1024), got[2])
+    assert.equal("after", got[3])
+    assert.same({ true, false, true }, got[4])
+    v:kill()
+    H.finish()
+  end)
+
+  it("a message no channel can carry raises at the call also once the channel is closed (no 'error', no callback)", function()
+    local exited = false
+    w:on("exit", function() exited = true end)
+    w:send({ cmd = "exit", code = 0 })
+    assert.is_true(H.wait_until(function() return exited end, 5000))
+    w:on("error", function(e) error("unexpected 'error': " .. tostring(e)) end)
+    local cycle = {}
+    cycle.self = cycle
+    local never = function() error("the callback of a send that raised ran") end
+    local cases = {
+      { { a = { 1, 2, { b = print } } }, "worker:send: message.a[3].b is a function" },
+      { cycle, "worker:send: message.self is a cycle" },
+      { coroutine.create(print), "worker:send: message is a thread" },
+    }
+    for _, case in ipairs(cases) do
+      local ok, err = pcall(w.send, w, case[1], never)
+      assert.is_false(ok)
+      assert.equal(case[2], err)
+    end
+    -- raised at the caller's line, as on an open channel
+    local ok, err = pcall(function() w:send({ f = print }) end)
+    assert.is_false(ok)
+    assert.truthy(err:find("^[^:]*cluster_message_spec%.lua:%d+: worker:send: message%.f is a function$"), err)
+    H.run_for(30)
+    H.finish()
+  end)
+
+  it("a message that cannot go with a handle names its own path, not the wrapper the handle travels in", function()
+    local net = require "cluster.net"
+    local server = net.createServer()
+    server:listen(0, "127.0.0.1", H.expect(function()
+      local cycle = {}
+      cycle.me = cycle
+      local ok, err = pcall(w.send, w, { a = { 1, { f = print } } }, server)
+      assert.is_false(ok)
+      assert.equal("worker:send: message.a[2].f is a function", err)
+      ok, err = pcall(w.send, w, cycle, server, function() error("called back") end)
+      assert.is_false(ok)
+      assert.equal("worker:send: message.me is a cycle", err)
+      server:close()
+      w:kill()
+    end))
+    assert.is_true(H.wait_until(function() return w:isDead() end, 5000))
+    H.finish()
+  end)
+
+  it("a worker's message no channel can carry raises also once its channel is closed", function()
+    w:kill()
+    cluster.setupMaster { exec = H.fixture("msg_worker.lua") }
+    local v = cluster.fork({ FIXTURE_MODE = "closed" })
+    local code
+    v:on("online", function() v:disconnect() end)
+    v:on("exit", function(c) code = c end)
+    assert.is_true(H.wait_until(function() return code ~= nil end, 5000))
+    assert.equal(5, code)
     H.finish()
   end)
 end)

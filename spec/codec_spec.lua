@@ -172,6 +172,14 @@ describe("codec", function()
       roundtrip(many(20000, function() return {} end))       -- 1 byte a table
     end)
 
+    it("refuses a table reached by more than 2^20 paths at once, counting as it goes (t = {t, t} forty times over)", function()
+      local t = {}
+      for _ = 1, 40 do t = { t, t } end
+      local ok, err = pcall(encode, t)
+      assert.is_false(ok)
+      assert.matches("more than a receiver takes", err)
+    end)
+
     it("refuses, on both sides, more than 2^20 tables: a peer cannot make its receiver build a flood of them", function()
       local n = 2 ^ 20 + 1
       local ok, err = pcall(encode, many(n, function() return {} end))

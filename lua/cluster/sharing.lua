@@ -85,7 +85,7 @@ function M.sendWithHandle(channel, message, obj, callback)
   end
   local ok, res = pcall(channel.send, channel, true,
     { act = "handle", kind = kind, udpType = udp_type, msg = message }, raw, done)
-  if kind == "net.Socket" and not (ok and res) then
+  if kind == "net.Socket" and not (ok and res ~= nil) then -- (false: sent, the backlog is long)
     -- nothing was sent: the socket stays the sender's, as it was
     obj._sendsInFlight = obj._sendsInFlight - 1
     if obj._sendsInFlight == 0 and not was_paused and not obj.destroyed then obj:resume() end
