@@ -89,7 +89,8 @@ else
     cluster.worker:disconnect()
   end)
   server:listen(PORT)
-  -- Ctrl-C reaches the whole process group: leave the stopping to the master
+  -- Ctrl-C at a terminal reaches the master only (workers run in process groups of their
+  -- own); a SIGINT sent to a worker itself is ignored too: the master does the stopping
   cluster.on("SIGINT", function() end)
 end
 

@@ -29,8 +29,9 @@ for f in "$here"/*.lua; do
   if head -n 10 "$f" | grep -q -- '-- run_all: skip'; then continue; fi
   total=$((total + 1))
   start=$(date +%s.%N)
-  # -k: a master that ignores SIGTERM gets SIGKILL 2 s later
-  timeout -k 2 "$LIMIT" "$LUA" "$f" >"$out" 2>&1
+  # -k: a master that ignores SIGTERM gets SIGKILL 2 s later; stdin is /dev/null, so
+  # that repl.lua reads end of input and ends (at a terminal it would wait for input)
+  timeout -k 2 "$LIMIT" "$LUA" "$f" </dev/null >"$out" 2>&1
   rc=$?
   secs=$(printf '%.2f' "$(echo "$(date +%s.%N) - $start" | bc)")
   if [ $rc -eq 0 ]; then
