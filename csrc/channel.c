@@ -715,9 +715,10 @@ static void parse_frames(cl_channel *ch) {
     lua_remove(L, -2);
     if (flags & CL_FRAME_HANDLE) {
       if (!accept_pending(ch, UV_UNKNOWN_HANDLE)) {
-        lua_pop(L, 3);
-        fail_channel(ch, "a message announced a descriptor that did not arrive");
-        return;
+        if (cl_handle_is_closing(&ch->h)) { lua_pop(L, 3); return; }
+        /* The kernel drops the descriptors a process has no room for (EMFILE): the
+         * message comes with false in the handle's place, and the channel goes on. */
+        lua_pushboolean(L, 0);
       }
     } else {
       lua_pushnil(L);
@@ -772,7 +773,8 @@ static void on_read(uv_stream_t *stream, ssize_t nread, const uv_buf_t *buf) {
   }
 }
 
-/* ch:start(on_message(internal, value, handle), on_close(reason|nil)) */
+/* ch:start(on_message(internal, value, handle), on_close(reason|nil)); handle is nil for
+ * a message without one, false for one whose descriptor the kernel dropped */
 static int ch_start(lua_State *L) {
   cl_channel *ch = check_channel(L, 1);
   luaL_checktype(L, 2, LUA_TFUNCTION);

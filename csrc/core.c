@@ -4,7 +4,9 @@
 #include "util.h"
 
 #include <dlfcn.h>
+#include <errno.h>
 #include <signal.h>
+#include <string.h>
 
 /* Keeps this library loaded until the process ends: the orphan guard's thread and
  * libuv's own threads may still run its code after lua_close() would unload it. */
@@ -19,6 +21,10 @@ int luaopen_cluster_core(lua_State *L) {
   /* A write to a connection the peer has reset must fail with EPIPE, not kill the
    * process (Node does the same). */
   signal(SIGPIPE, SIG_IGN);
+  /* The loop is made here, once: every handle is made on it (cl_loop() never NULL).
+   * libuv's uv_default_loop() gives NULL when it cannot (no descriptor left). */
+  if (uv_default_loop() == NULL)
+    return luaL_error(L, "cluster.core: cannot create the event loop (%s)", strerror(errno));
   lua_newtable(L);
   cl_open_alloc(L);
   cl_open_loop(L);

@@ -271,6 +271,26 @@ describe("sharing, UDP (cluster.dgram)", function()
     H.finish(WAIT)
   end)
 
+  it("a worker with no file descriptor left gets EMFILE on its bind (the master's socket could not arrive) and keeps its channel; once descriptors are free the same bind succeeds and receives", function()
+    local w = S.fork(1)[1]
+    local restore = S.starve(w.process.pid)
+    if not restore then pending("no prlimit(1)") return end
+    local ok, r = pcall(function()
+      w:send({ cmd = "bind", tag = "u", port = 0, address = "127.0.0.1" })
+      return S.take(w, "error", "u", WAIT)
+    end)
+    restore()
+    assert(ok, r)
+    assert.is_table(r, "no error came")
+    assert.equal("EMFILE", r.code)
+    assert.equal("bind", r.syscall)
+    assert.matches("bind EMFILE 127.0.0.1:0 (the master's socket did not arrive", r.message, 1, true)
+    assert.is_true(w:isConnected())
+    w:send({ cmd = "bind", tag = "v", port = 0, address = "127.0.0.1" })
+    local bound = assert(S.take(w, "bound", "v", WAIT))
+    assert.equal(w.process.pid, S.udp_ask(bound.address.port))
+  end)
+
   it("a worker's bind the master could not make drops its callback: the worker's next bind runs only its own, as in Node", function()
     local port = free_udp_port()
     local held, held_err = bind_here(port) -- this process holds the port: the master's bind fails

@@ -7,6 +7,7 @@
 -- -net-listen-relative-path, -eaddrinuse, -bind-privileged-port, -worker-wait-server-close.
 local cluster = require "cluster"
 local core = require "cluster.core"
+local net = require "cluster.net"
 local H = require "helper"
 local S = require "fixtures.share_lib"
 
@@ -222,6 +223,72 @@ describe("sharing, SCHED_NONE", function()
     local r = S.listen(w, "e", at(port))
     assert.equal("listening", r.ev, r.message)
     assert.equal(w.process.pid, answered_by(ask(at(port))))
+  end)
+
+  it("a worker with no file descriptor left gets EMFILE on its listen (the master's socket could not arrive) and keeps its channel: the master lets the address go, and once descriptors are free the same listen succeeds", function()
+    local w = S.fork(1)[1]
+    local pid = w.process.pid
+    local restore = S.starve(pid)
+    if not restore then pending("no prlimit(1)") return end
+    local ok, r = pcall(S.listen, w, "starved", at(0))
+    restore()
+    assert(ok, r)
+    assert.equal("error", r.ev)
+    assert.equal("EMFILE", r.code)
+    assert.equal("listen", r.syscall)
+    assert.equal("127.0.0.1", r.address)
+    assert.matches("listen EMFILE 127.0.0.1:0 (the master's socket did not arrive", r.message, 1, true)
+    assert.is_false(w:isDead())
+    assert.is_true(w:isConnected())
+    local again = S.listen(w, "starved", at(0))
+    assert.equal("listening", again.ev, again.message)
+    assert.equal(pid, answered_by(ask(at(again.address.port))))
+  end)
+
+  it("an object a worker sends to a master with no file descriptor left comes as nil, with an EMFILE 'error' on the Worker; the channel goes on, and the next one arrives", function()
+    local w = S.fork(1)[1]
+    local port = S.listen(w, "x", { port = 0, host = "127.0.0.1", exclusive = true }).address.port
+    local errs = {}
+    w:on("error", function(e) errs[#errs + 1] = e end)
+    local restore = S.starve(core.getpid())
+    if not restore then pending("no prlimit(1)") return end
+    local ok, got = pcall(function()
+      w:send({ cmd = "sendback", tag = "x" })
+      return S.take(w, "handle", "x")
+    end)
+    restore()
+    assert(ok, got)
+    assert.is_table(got, "the message did not come")
+    assert.is_nil(got.handle)
+    assert.equal(1, #errs)
+    assert.equal("EMFILE", errs[1].code)
+    assert.equal("recvmsg", errs[1].syscall)
+    assert.is_false(w:isDead())
+    w:send({ cmd = "sendback", tag = "x" })
+    local second = assert(S.take(w, "handle", "x"))
+    assert.equal(net.Server, getmetatable(second.handle))
+    assert.equal(port, second.handle:address().port)
+    S.close_local(second.handle)
+  end)
+
+  it("an object the master sends to a worker with no file descriptor left comes as nil, with an EMFILE 'error' on cluster.worker; the next one arrives", function()
+    local w = S.fork(1)[1]
+    local server, port = local_server(0, "127.0.0.1")
+    local restore = S.starve(w.process.pid)
+    if not restore then pending("no prlimit(1)") return end
+    local ok, err = pcall(function()
+      w:send({ tag = "lost" }, server)
+      assert(S.take(w, "nohandle", "lost"), "the message did not come")
+    end)
+    restore()
+    assert(ok, err)
+    local e = assert(S.take(w, "workererror"))
+    assert.equal("EMFILE", e.code)
+    assert.equal("recvmsg", e.syscall)
+    w:send({ tag = "kept" }, server)
+    local got = assert(S.take(w, "got"))
+    assert.equal("server", got.kind)
+    assert.equal(port, got.address.port)
   end)
 
   it("a master whose working directory is gone gives a worker's too-long relative unix path ENOENT instead of raising", function()

@@ -617,26 +617,12 @@ describe("sharing, SCHED_RR", function()
     it("accept-fail (Node test-cluster-accept-fail; Node closes the connection, ours waits on purpose): while the master cannot accept (EMFILE) the connection waits in the backlog; the master and the worker are untouched, once descriptors are free again it is answered, and the worker then closes, disconnects and exits 0", function()
       local w = S.fork(1)[1]
       local port = S.listen(w, "a", at(0)).address.port
-      local me = core.getpid()
-      local list = H.tmpname("fds")
-      local p = S.popen("prlimit --pid " .. me .. " --nofile -o SOFT --noheadings 2>/dev/null")
-      local soft = p:read("a"):match("%d+")
-      p:close()
-      if not soft then pending("no prlimit(1)") return end
-      local restore = "prlimit --pid " .. me .. " --nofile=" .. soft .. ": >/dev/null 2>&1"
       local r = S.client(at(port))
       -- the client's socket exists; now no descriptor is left for the master's accept
-      local ok, err = pcall(function()
-        assert(S.sh("ls /proc/" .. me .. "/fd > " .. list))
-        local used = {}
-        for fd in io.lines(list) do used[math.tointeger(tonumber(fd))] = true end
-        local lowest = 0
-        while used[lowest] do lowest = lowest + 1 end
-        assert(S.sh("prlimit --pid " .. me .. " --nofile=" .. lowest .. ": >/dev/null 2>&1"))
-        H.run_for(300)
-      end)
-      S.sh(restore)
-      os.remove(list)
+      local restore = S.starve(core.getpid())
+      if not restore then pending("no prlimit(1)") return end
+      local ok, err = pcall(H.run_for, 300)
+      restore()
       assert(ok, err)
       assert.is_nil(r.done) -- neither answered nor reset while descriptors ran out
       assert.is_true(H.wait_until(function() return r.done end, 3000))

@@ -53,6 +53,7 @@ function M.install(cluster, id)
       io.stderr:write(string.format("cluster: worker %d: %s\n", worker.id, tostring(err)))
     end
   end
+  cluster._reportError = function(_, err) report_error(err) end
 
   local function on_disconnect(reason)
     if not connected then return end

@@ -23,14 +23,15 @@ end
 
 -- Node's errors say "bind EADDRINUSE 127.0.0.1:8000". host: the address the master
 -- tried (for a listen with no host, "::" or "0.0.0.0", as net's own listen names it).
-local function bind_error(code, msg, host)
+local function address_error(code, syscall, msg, host, note)
   local address = host or msg.address
   local where = msg.path or (tostring(address) .. ":" .. tostring(msg.port))
   return {
-    code = code, syscall = "bind", message = "bind " .. code .. " " .. where,
+    code = code, syscall = syscall, message = syscall .. " " .. code .. " " .. where .. (note or ""),
     address = not msg.path and address or nil, port = msg.port, path = msg.path,
   }
 end
+local function bind_error(code, msg, host) return address_error(code, "bind", msg, host) end
 
 -- The contract's error object (with errno, as net's own errors have) from a reply's err.
 local function as_error(t)
@@ -108,11 +109,27 @@ local ACTS_WITH_HANDLE = { handle = true, queryReply = true }
 
 --- The descriptor a received message brought, when a message of its act (internal;
 -- nil for a user message, whose objects come as internal "handle" messages) takes one;
--- any other is closed as it arrives. Internal, for both roles' channel readers.
+-- any other is closed as it arrives. false stays false for an act that takes one: the
+-- message announced a descriptor the kernel dropped, for want of room (EMFILE).
+-- Internal, for both roles' channel readers.
 function M.keptHandle(handle, act)
-  if handle == nil or ACTS_WITH_HANDLE[act] then return handle end
-  handle:close()
+  if ACTS_WITH_HANDLE[act] then return handle end
+  if handle then handle:close() end
   return nil
+end
+
+-- The error of a listen or bind (syscall) whose socket the master sent but the kernel
+-- dropped: a worker with no file descriptor left has no room for it.
+local function socket_lost(syscall, msg)
+  return as_error(address_error("EMFILE", syscall, msg, nil,
+    " (the master's socket did not arrive: no file descriptors left)"))
+end
+
+-- The receiver's 'error' for an object sent with a message (worker:send(msg, obj)) that
+-- the kernel dropped; the message comes without it.
+local function object_lost()
+  return as_error({ code = "EMFILE", syscall = "recvmsg",
+    message = "recvmsg EMFILE: the object sent with a message did not arrive (no file descriptors left)" })
 end
 
 function M.wrapHandle(kind, raw, udp_type)
@@ -351,11 +368,12 @@ function M.installMaster(cluster)
   -- Its errors nobody listens for are the worker's: the object is closed and the error
   -- reported on that worker, instead of ending the master.
   function internal.handle(worker, msg, raw)
+    if raw == false then cluster._reportError(worker, object_lost()) end
     if worker:listenerCount("message") + cluster:listenerCount("message") == 0 then
       if raw then raw:close() end
       return
     end
-    local obj = raw and M.wrapHandle(msg.kind, raw, msg.udpType)
+    local obj = raw and M.wrapHandle(msg.kind, raw, msg.udpType) or nil
     if obj then
       obj._onUnheardError = function(o, err)
         if o.destroy then o:destroy() else pcall(o.close, o) end
@@ -403,11 +421,12 @@ function M.installWorker(cluster)
   end
 
   function internal.handle(msg, raw)
+    if raw == false then cluster._reportError(cluster.worker, object_lost()) end
     if cluster.worker:listenerCount("message") == 0 then -- (nobody could take it)
       if raw then raw:close() end
       return
     end
-    local obj = raw and M.wrapHandle(msg.kind, raw, msg.udpType)
+    local obj = raw and M.wrapHandle(msg.kind, raw, msg.udpType) or nil
     cluster.worker:emit("message", msg.msg, obj)
   end
 
@@ -534,6 +553,13 @@ function M.installWorker(cluster)
         server:_emitError(as_error(reply.err))
         return
       end
+      if handle == false then
+        -- the master holds this worker on the key: let go, as a close would
+        release_key()
+        cluster._sendInternal(nil, { act = "close", key = key })
+        server:_emitError(socket_lost("listen", { address = host, port = opts.port, path = opts.path }))
+        return
+      end
       shared[server] = key
       -- (replaces the hook of an earlier listen of this server, which has closed)
       server._onClose = function(s)
@@ -577,6 +603,12 @@ function M.installWorker(cluster)
       if reply.err then
         release_key()
         socket:_failBind(as_error(reply.err))
+        return
+      end
+      if handle == false then
+        release_key()
+        cluster._sendInternal(nil, { act = "close", key = key })
+        socket:_failBind(socket_lost("bind", opts))
         return
       end
       shared[socket] = key
