@@ -43,6 +43,7 @@ struct cl_channel {
   uint64_t beats;
   int answers_held;       /* accepted hand-offs answered in `out` but not yet flushed */
   uv_timer_t *answer_timer; /* flushes held answers; NULL until a worker first needs it */
+  int cb_writes;          /* write requests with send callbacks not yet called back */
 };
 
 /* A worker answers the connections it accepts in batches: the master needs an answer
@@ -61,7 +62,7 @@ static cl_channel *beat_channel = NULL;
 
 typedef struct write_req {
   uv_write_t req;
-  cl_channel *ch;        /* NULL once the channel is gone */
+  cl_channel *ch;        /* the channel (alive until its requests are called back) */
   lua_State *L;
   char *data;
   int cbs;               /* registry ref: table of callbacks, or a single function, or LUA_NOREF */
@@ -143,6 +144,7 @@ static void on_written(uv_write_t *req, int status) {
   free(wr->data);
   luaL_unref(L, LUA_REGISTRYINDEX, wr->send_handle_ref);
   int cbs = wr->cbs;
+  if (cbs != LUA_NOREF) wr->ch->cb_writes--;
   free(wr);
   run_write_cbs(L, cbs, status);
 }
@@ -175,6 +177,8 @@ static int submit(cl_channel *ch, char *data, size_t len, int cbs, uv_stream_t *
     free(data);
     luaL_unref(wr->L, LUA_REGISTRYINDEX, send_handle_ref);
     free(wr);
+  } else if (cbs != LUA_NOREF) {
+    ch->cb_writes++;
   }
   return err;
 }
@@ -183,7 +187,9 @@ static int submit(cl_channel *ch, char *data, size_t len, int cbs, uv_stream_t *
  * refuses otherwise, which keeps the order) they are written at once and the buffer is
  * kept for the next turn: no malloc, no write request, no epoll re-arm. Only what the
  * pipe does not take now becomes a libuv write request. Send callbacks waiting on these
- * bytes run only when called from the loop (in_loop), never inside a send or a close. */
+ * bytes run only when called from the loop (in_loop), never inside a send or a close,
+ * and never before those of an earlier request (a frame with a handle), which libuv
+ * calls back on a later turn: such bytes go as a request too, called back in order. */
 /* The held answers are on their way (or the buffer was written another way). */
 static void release_answers(cl_channel *ch) {
   if (ch->answers_held) {
@@ -195,7 +201,7 @@ static void release_answers(cl_channel *ch) {
 static void flush(cl_channel *ch, int in_loop) {
   release_answers(ch);
   if (ch->out.len == 0 || cl_handle_is_closing(&ch->h)) return;
-  if (in_loop || ch->out_cbs == LUA_NOREF) {
+  if (ch->out_cbs == LUA_NOREF || (in_loop && ch->cb_writes == 0)) {
     uv_buf_t b = uv_buf_init(ch->out.data, (unsigned)ch->out.len);
     int n = uv_try_write(&ch->h.u.stream, &b, 1);
     if (n == (int)ch->out.len) {

@@ -18,6 +18,7 @@
 -- the same connection (the master writes on each and the worker's client reads both
 -- answers); the client closes; the worker accepted exactly one connection, disconnects
 -- and exits with code 0 and no signal.
+local cluster = require "cluster"
 local net = require "cluster.net"
 local H = require "helper"
 local S = require "fixtures.share_lib"
@@ -154,4 +155,40 @@ describe("sharing, handles sent both ways", function()
       "a copy stayed open")
     H.finish(WAIT)
   end)
+end)
+
+describe("send callbacks with handles", function()
+  before_each(H.setup)
+  after_each(function()
+    S.close_tracked()
+    H.teardown()
+  end)
+
+  -- A frame with a handle goes out as a write request, called back on a later turn; a
+  -- plain frame after it may be written at once: its callback still waits its turn.
+  for _, where in ipairs({ "the main chunk", "a deferred call", "a timer", "a message listener" }) do
+    it("run in the order of the sends: a send with a handle, then a plain send, from " .. where, function()
+      local w = S.fork(1)[1]
+      local server = S.local_server(0, "127.0.0.1")
+      local order = {}
+      local function sends()
+        w:send({ tag = "first" }, server, function(err) order[#order + 1] = "handle " .. tostring(err) end)
+        w:send({ tag = "second" }, function(err) order[#order + 1] = "plain " .. tostring(err) end)
+        w:send({ tag = "third" }, function(err) order[#order + 1] = "plain2 " .. tostring(err) end)
+      end
+      if where == "the main chunk" then
+        sends()
+      elseif where == "a deferred call" then
+        cluster.defer(sends)
+      elseif where == "a timer" then
+        cluster.setTimeout(sends, 1)
+      else
+        w:once("message", sends)
+        w:send({ cmd = "chdir", dir = "/" }) -- answered with a report
+      end
+      assert.is_true(H.wait_until(function() return #order == 3 end, WAIT))
+      assert.same({ "handle nil", "plain nil", "plain2 nil" }, order)
+      assert(S.take(w, "got"))
+    end)
+  end
 end)
