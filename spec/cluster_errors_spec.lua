@@ -256,7 +256,6 @@ describe("cluster errors", function()
       bad_flags = "\\001\\000\\000\\000\\200\\300",
       too_deep = "\\055\\001\\000\\000\\000" .. string.rep("\\261", 300) .. "\\300",
       trailing = "\\003\\000\\000\\000\\000\\300\\300\\300",
-      handle_without_fd = "\\001\\000\\000\\000\\002\\300",
     }
     local errs, bad = {}, {}
     for name, bytes in pairs(garbage) do
@@ -286,6 +285,18 @@ describe("cluster errors", function()
     assert.same({ still = "here" }, echoed)
     good:kill()
     for _, w in pairs(bad) do w:kill() end
+    H.finish()
+  end)
+
+  it("a frame that announces a descriptor which did not come is a message without one (the kernel drops descriptors a process has no room for): the channel stays open", function()
+    local w = fork_raw_writer("\\001\\000\\000\\000\\002\\300")
+    local got
+    w:on("message", H.expect(function(msg, handle) got = { msg = msg, handle = handle } end, 1))
+    w:on("error", H.expect(nil, 0))
+    assert.is_true(H.wait_until(function() return got ~= nil end, 5000))
+    assert.same({}, got)
+    assert.is_true(w:isConnected())
+    w:kill()
     H.finish()
   end)
 
