@@ -134,8 +134,9 @@ static int is_identifier(const char *s, size_t n) {
   return 1;
 }
 
-/* Appends `["..."]` with the key escaped and cut to 40 bytes, so the message stays
- * one printable line whatever bytes the key holds. */
+/* Appends `["..."]` with the key escaped as in a Lua string literal (\", \\, and \ddd
+ * with three digits) and cut to 40 bytes, so the message stays one printable line
+ * whatever bytes the key holds, and reads back as the key. */
 static void pb_add_quoted(pathbuf *pb, const char *s, size_t n) {
   char tmp[40 * 4 + 16];
   size_t k = 0;
@@ -147,7 +148,7 @@ static void pb_add_quoted(pathbuf *pb, const char *s, size_t n) {
       tmp[k++] = '\\';
       tmp[k++] = (char)c;
     } else if (c < 0x20 || c >= 0x7f) {
-      k += (size_t)snprintf(tmp + k, sizeof tmp - k, "\\%u", c);
+      k += (size_t)snprintf(tmp + k, sizeof tmp - k, "\\%03u", c);
     } else {
       tmp[k++] = (char)c;
     }

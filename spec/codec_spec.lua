@@ -417,9 +417,21 @@ describe("codec", function()
 
     it("names the path of a thread, quoting odd keys", function()
       assert.equal('encode: value["a b"][2] is a thread', refused({ ["a b"] = { 1, coroutine.create(print) } }))
-      assert.equal('encode: value["\\0\\"x"] is a thread', refused({ ['\0"x'] = coroutine.running() }))
+      assert.equal('encode: value["\\000\\"x"] is a thread', refused({ ['\0"x'] = coroutine.running() }))
       assert.equal("encode: value[1.5][true][-7] is a thread",
         refused({ [1.5] = { [true] = { [-7] = coroutine.running() } } }))
+    end)
+
+    it("quotes a key as a Lua string literal that reads back as the key (\\ddd with three digits: a byte before a digit stays apart from it)", function()
+      assert.equal('encode: value["a\\0012b"] is a function', refused({ ["a\1" .. "2b"] = print }))
+      for first = 0, 255, 40 do
+        local bytes = {}
+        for i = 0, 39 do bytes[#bytes + 1] = string.char((first + i) % 256) end
+        local key = table.concat(bytes)
+        local quoted = refused({ [key] = print }):match('^encode: value%[(".*")%] is a function$')
+        assert.is_string(quoted)
+        assert.equal(key, load("return " .. quoted)())
+      end
     end)
 
     it("names the key type of a bad key", function()
