@@ -214,12 +214,10 @@ describe("cluster settings", function()
       pending("the master is not root")
       return
     end
-    if not H.readable_by_nobody(H.worker_files(WORKER)) then
-      pending("the checkout is not readable by uid 65534 (a private directory)")
-      return
-    end
-    cluster.setupMaster({ exec = WORKER, uid = 65534, gid = 65534 })
-    local w = cluster.fork()
+    local where, why = H.for_nobody({ "worker.lua" })
+    if not where then pending(why) return end
+    cluster.setupMaster({ exec = where.fixture("worker.lua"), uid = 65534, gid = 65534 })
+    local w = cluster.fork({ LUA_PATH = where.path, LUA_CPATH = where.cpath })
     cluster.setupMaster({ uid = 0, gid = 0 })   -- settings accumulate: back to root
     local uid, gid
     w:on("online", H.expect(function()

@@ -132,6 +132,41 @@ function H.worker_files(script)
            package.searchpath("cluster.core", package.cpath) }
 end
 
+local public, public_remover
+--- What a process running as nobody (uid 65534) loads, where it can read it: the
+-- checkout itself when nobody can read it, else a world-readable copy of the cluster
+-- modules, the core in use (the sanitizer build too) and the fixtures (a clean clone
+-- under `mktemp -d` or a home directory is private). Made once per process, removed at
+-- its exit. Returns {path=, cpath=, fixture(name)}, or nil and why.
+function H.for_nobody(script_names)
+  if not os.execute("command -v setpriv >/dev/null 2>&1") then return nil, "no setpriv(1)" end
+  local files = H.worker_files(H.fixture(script_names[1]))
+  for i = 2, #script_names do files[#files + 1] = H.fixture(script_names[i]) end
+  if H.readable_by_nobody(files) then
+    return { path = package.path, cpath = package.cpath, fixture = H.fixture }
+  end
+  if not public then
+    local dir = H.tmpname("public")
+    local init = package.searchpath("cluster", package.path)     -- <lua>/cluster/init.lua
+    local lua_dir = init:gsub("/cluster/init%.lua$", "")
+    local core_so = package.searchpath("cluster.core", package.cpath)
+    local q = H.shell_quote
+    local ok = os.execute("mkdir -p " .. q(dir .. "/lua") .. " " .. q(dir .. "/lib/cluster")
+      .. " && cp -r " .. q(lua_dir .. "/cluster") .. " " .. q(dir .. "/lua/")
+      .. " && cp " .. q(core_so) .. " " .. q(dir .. "/lib/cluster/core.so")
+      .. " && cp -r " .. q(H.FIXTURES) .. " " .. q(dir .. "/fixtures")
+      .. " && chmod -R a+rX " .. q(dir))
+    public_remover = setmetatable({}, { __gc = function() os.execute("rm -rf " .. q(dir)) end })
+    if not ok then return nil, "could not copy the checkout to " .. dir end
+    public = {
+      path = dir .. "/lua/?.lua;" .. dir .. "/lua/?/init.lua",
+      cpath = dir .. "/lib/?.so",
+      fixture = function(name) return dir .. "/fixtures/" .. name end,
+    }
+  end
+  return public
+end
+
 --- Remembers a pid that kill_all must SIGKILL (a process not forked by this master).
 function H.track(pid)
   pid = math.tointeger(tonumber(pid))
