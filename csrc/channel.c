@@ -215,6 +215,15 @@ static void flush(cl_channel *ch, int in_loop) {
     if (n > 0) {
       memmove(ch->out.data, ch->out.data + n, ch->out.len - (size_t)n);
       ch->out.len -= (size_t)n;
+    } else if (n < 0 && n != UV_EAGAIN) {
+      /* the peer is gone (EPIPE, ECONNRESET): these bytes can't go; their callbacks
+       * hear so now, before the read side reports the channel's end ('disconnect'),
+       * where a libuv request would call back a turn after it */
+      int cbs = ch->out_cbs;
+      ch->out_cbs = LUA_NOREF;
+      ch->out.len = 0;
+      run_write_cbs(ch->h.L, cbs, n);
+      return;
     }
   }
   char *data = ch->out.data;
