@@ -123,9 +123,14 @@ end
 
 -- errno numbers (Linux) of the codes a failed spawn reports
 local ERRNO = { EPERM = 1, ENOENT = 2, EIO = 5, ENOEXEC = 8, EAGAIN = 11, ENOMEM = 12,
-                EACCES = 13, ENOTDIR = 20, EISDIR = 21, EMFILE = 24, ENAMETOOLONG = 36, ELOOP = 40 }
+                EACCES = 13, ENOTDIR = 20, EISDIR = 21, ENFILE = 23, EMFILE = 24, ENAMETOOLONG = 36, ELOOP = 40 }
 local ERRNO_NAME = {}
 for name, n in pairs(ERRNO) do ERRNO_NAME[n] = name end
+
+-- The master's own want of descriptors says nothing about the file it could not open:
+-- the spawn fails for the same reason and says so, naming the interpreter as for any
+-- other spawn error (not the script or the directory, which may be fine).
+local function out_of_descriptors(errno) return errno == ERRNO.EMFILE or errno == ERRNO.ENFILE end
 
 -- The spawn error for `path`, which io could not use as `opened`: what it is, and io's
 -- message (without its file name) and errno.
@@ -136,7 +141,8 @@ local function spawn_error(path, opened, what, msg, errno)
     { path = path, errno = errno and -errno })
 end
 
--- nil when the worker script can be read, else an error object saying why not
+-- nil when the worker script can be read (or the master cannot tell: no descriptor
+-- left), else an error object saying why not
 local function unreadable_script(path)
   local f, msg, errno = io.open(path, "r")
   if f then
@@ -145,14 +151,17 @@ local function unreadable_script(path)
     if ok ~= nil or rmsg == nil then return nil end
     msg, errno = rmsg, rerrno
   end
+  if out_of_descriptors(errno) then return nil end
   return spawn_error(path, path, "cannot open the worker script", msg, errno)
 end
 
 -- nil when the directory `cwd` can be a worker's working directory, else an error object
--- saying why not (a failed spawn's ENOENT or EACCES is then about it, not the interpreter)
+-- saying why not (a failed spawn's ENOENT or EACCES is then about it, not the interpreter);
+-- nil too when the master has no descriptor left to look
 local function unusable_cwd(cwd)
   local f, msg, errno = io.open(cwd .. "/.", "r")
   if f then f:close() return nil end
+  if out_of_descriptors(errno) then return nil end
   return spawn_error(cwd, cwd .. "/.", "the working directory, settings.cwd", msg, errno)
 end
 

@@ -791,8 +791,12 @@ function M.install(cluster)
         end
       end
     end
+    -- (called after each settled worker and once deferred: a new worker whose spawn
+    -- failed settles before the deferred call, which must then find the reload ended)
+    local ended = false
     finish = function()
-      if active > 0 or (index < #old and not failed) then return end
+      if ended or active > 0 or (index < #old and not failed) then return end
+      ended = true
       this.reloading = false
       if failed then
         -- (a shutdown stops the new workers too: then nobody stays)
