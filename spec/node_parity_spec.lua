@@ -244,6 +244,24 @@ describe("Node parity", function()
       exits_cleanly(w)
     end)
 
+    it("worker-handle-close (Node test-cluster-worker-handle-close): a connection handed to the only worker after its server closed is dropped, not served; the worker goes on and exits 0 when disconnected", function()
+      local w = S.fork(1)[1]
+      local port = S.listen(w, "c", at(0)).address.port
+      S.block(w, 1000)
+      -- the worker reads this after its block, before the hand-off of the connection
+      -- the master accepts meanwhile: the server is closed when the connection comes
+      w:send({ cmd = "close", tag = "c" })
+      local r = S.client(at(port))
+      assert.is_true(H.wait_until(function() return r.done end, WAIT))
+      assert.is_true(r.connected)
+      assert.equal("", r.data)
+      assert.equal(0, cluster._handedTo(w))
+      assert(S.take(w, "closed", "c"))
+      assert.equal(0, cluster._sharedHandleCount())
+      w:disconnect()
+      exits_cleanly(w)
+    end)
+
     it("http-pipe (Node test-cluster-http-pipe, without HTTP): a worker serves on a unix path through the master; the server's socket has no remote or local address", function()
       local path = tmpdir() .. "/http.sock"
       local w = S.fork(1)[1]
