@@ -296,6 +296,33 @@ describe("Node parity", function()
       for _, w in ipairs(ws) do exits_cleanly(w) end
     end)
 
+    it("message (Node test-cluster-message, its TCP part): the port of the worker's 'listening' reaches its server; messages both ways interleave with the connection: the worker answers on it what the master sent, the master gets the worker's message on the worker and on cluster", function()
+      local w = fork("message")
+      local checks, ended, client = {}, false, nil
+      local function check(kind, value)
+        checks[kind] = value
+        if checks.master and checks.global and checks.worker then client:close() end
+      end
+      w:on("message", function(m) check("master", m) end)
+      cluster.on("message", function(from, m)
+        assert.equal(w, from)
+        check("global", m)
+      end)
+      w:on("listening", H.expect(function(address)
+        client = net.connect(address.port, function() w:send("message from master") end)
+        client:on("data", function(d) check("worker", d) end)
+        client:on("end", function()
+          ended = true
+          w:kill()
+        end)
+      end))
+      assert.is_true(H.wait_until(function() return ended end, WAIT), "the connection never ended")
+      assert.same({ master = "message from worker", global = "message from worker",
+                    worker = "received message:message from master" }, checks)
+      S.wait_exit(w, WAIT)
+      H.finish()
+    end)
+
     it("net-send (Node test-cluster-net-send): a worker sends the master its client socket, connected to the worker's own server; the master reads what the server then writes, and the end", function()
       local w = fork("net_send")
       local data, ended, got = "", false, nil
