@@ -19,6 +19,7 @@
 #include <string.h>
 #include <poll.h>
 #include <fcntl.h>
+#include <unistd.h>
 #include <errno.h>
 #include <stdio.h>
 #include <sys/socket.h>
@@ -488,12 +489,22 @@ static int queue_answer(cl_channel *ch, uint32_t rr_id, uint32_t seq, int answer
   return 0;
 }
 
-/* ch:answer(rr_id, seq, accepted): the worker's reply to a handed connection. */
+/* ch:answer(rr_id, seq, accepted, conn): the worker's reply to a handed connection.
+ * An accepted unix connection is also marked as this process's own (its owner, F_SETOWN,
+ * which lives in the open file the master shares): the answer is held back a while,
+ * and if the worker dies before it leaves, the master finds the mark and closes the
+ * connection instead of handing a served one on (csrc/rr.c, was_served; a TCP
+ * connection tells by its byte counts). */
 static int ch_answer(lua_State *L) {
   cl_channel *ch = check_channel(L, 1);
   uint32_t rr_id = (uint32_t)luaL_checkinteger(L, 2);
   uint32_t seq = (uint32_t)luaL_checkinteger(L, 3);
   int accepted = lua_toboolean(L, 4);
+  cl_handle *conn = lua_isnoneornil(L, 5) ? NULL : cl_handle_test(L, 5);
+  uv_os_fd_t fd;
+  if (accepted && conn && !cl_handle_is_closing(conn) && conn->u.handle.type == UV_NAMED_PIPE &&
+      uv_fileno(&conn->u.handle, &fd) == 0)
+    (void)fcntl(fd, F_SETOWN, (int)getpid());
   if (queue_answer(ch, rr_id, seq, accepted ? CL_CONN_ACCEPTED : CL_CONN_REFUSED) != 0)
     return luaL_error(L, "answer: out of memory");
   return 0;

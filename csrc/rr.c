@@ -27,6 +27,7 @@
 #include <netinet/in.h>
 #include <netinet/tcp.h>
 #include <sys/ioctl.h>
+#include <fcntl.h>
 #include <stddef.h>
 #include <string.h>
 #include <unistd.h>
@@ -417,10 +418,12 @@ static void on_readable(uv_poll_t *p, int status, int events) {
   dispatch(r);
 }
 
-/* Whether a worker that died before answering had already read from or written to
- * this TCP connection (its answer was still held back, csrc/channel.c): handing it
- * on would leave the client waiting for the answer to a request nobody has. Such a
- * connection is closed instead, as the worker's death would have closed it. */
+/* Whether a worker that died before answering had already served this connection (its
+ * answer was still held back, csrc/channel.c): handing it on would leave the client
+ * waiting for the answer to a request nobody has. Such a connection is closed instead,
+ * as the worker's death would have closed it. A TCP connection tells by its byte counts
+ * (read from or written to); a unix socket keeps none, so the worker marks one it
+ * accepts as its own (F_SETOWN on the open file both copies share). */
 /* glibc's struct tcp_info stops at tcpi_total_retrans; Linux (4.6+) goes on, append-only. */
 struct tcp_info_bytes {
   struct tcp_info base;
@@ -431,7 +434,7 @@ struct tcp_info_bytes {
 _Static_assert(offsetof(struct tcp_info_bytes, pacing_rate) == 104, "struct tcp_info layout");
 
 static int was_served(rr *r, rr_conn *c) {
-  if (!r->is_tcp) return 0;
+  if (!r->is_tcp) return fcntl(c->fd, F_GETOWN) > 0;
   struct tcp_info_bytes ti;
   socklen_t len = sizeof ti;
   memset(&ti, 0, sizeof ti);

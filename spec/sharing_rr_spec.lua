@@ -470,20 +470,43 @@ describe("sharing, SCHED_RR", function()
       assert.equal(ws[2].process.pid, answered_by(ask(at(port))))
     end)
 
-    it("a connection whose worker read the request and died before answering the master is closed, not handed to another worker that would never see the request", function()
+    for _, kind in ipairs { "TCP", "unix" } do
+      it("a " .. kind .. " connection whose worker read the request and died before answering the master is closed, not handed to another worker that would never see the request", function()
+        local ws = S.fork(2)
+        local where = kind == "unix" and { path = tmpdir() .. "/die.sock" } or at(0)
+        local address = S.listen_all(ws, "die", where, nil, "die")[1].address
+        if kind == "TCP" then where = at(address.port) end
+        local exits = {}
+        for _, w in ipairs(ws) do w:on("exit", function(code) exits[#exits + 1] = code end) end
+        -- the worker's answer for this connection is held back (sent in batches), and it
+        -- reads the request and exits before sending it (a unix socket keeps no byte
+        -- counts: the worker marked it as taken)
+        local r = S.client(where, "GET / HTTP/1.1\r\n\r\n", true)
+        assert.is_true(H.wait_until(function() return r.done end, 5000), "the client was left waiting")
+        assert.equal("", r.data)
+        assert.is_true(H.wait_until(function() return #exits == 1 end, 3000))
+        assert.same({ 7 }, exits)
+        H.run_for(100)
+        assert.equal(1, #exits) -- the other worker never got the connection
+      end)
+    end
+
+    it("a unix connection queued or in flight for a worker killed with SIGKILL before taking it goes to another worker: 100 of 100 answered", function()
       local ws = S.fork(2)
-      local port = S.listen_all(ws, "die", at(0), nil, "die")[1].address.port
-      local exits = {}
-      for _, w in ipairs(ws) do w:on("exit", function(code) exits[#exits + 1] = code end) end
-      -- the worker's answer for this connection is held back (sent in batches), and it
-      -- reads the request and exits before sending it
-      local r = S.client(at(port), "GET / HTTP/1.1\r\n\r\n", true)
-      assert.is_true(H.wait_until(function() return r.done end, 5000), "the client was left waiting")
-      assert.equal("", r.data)
-      assert.is_true(H.wait_until(function() return #exits == 1 end, 3000))
-      assert.same({ 7 }, exits)
-      H.run_for(100)
-      assert.equal(1, #exits) -- the other worker never got the connection
+      local path = tmpdir() .. "/load.sock"
+      S.listen_all(ws, "load", { path = path })
+      local victim, killed = ws[1], false
+      local records = S.clients(100, { path = path }, 100, function(n)
+        if n == 20 and not killed then
+          killed = true
+          core.kill(victim.process.pid, "SIGKILL")
+        end
+      end, 20000)
+      local by, total, failures = S.tally(records)
+      assert.is_true(killed)
+      assert.same({}, failures)
+      assert.equal(100, total)
+      assert.is_true((by[ws[2].process.pid] or 0) > 0)
     end)
 
     it("connections handed while the channel to a worker is backed up queue behind what it holds and are all answered once it reads again", function()
