@@ -322,6 +322,12 @@ describe("sharing, SCHED_NONE", function()
     S.disconnect_race()
   end)
 
+  for _, kind in ipairs { "tcp", "unix", "udp" } do
+    it("a worker forked while the last worker on a " .. kind .. " address is disconnecting, its server still open, listens there too (no EADDRINUSE); the old one exits 0, the new one serves, and once it closes the master holds nothing and the address is free", function()
+      S.listen_while_last_leaves(kind, kind == "unix" and tmpdir() or nil)
+    end)
+  end
+
   it("a worker's server at its maxConnections accepts and closes what is over, with 'drop' and the client's address", function()
     local w = S.fork(1)[1]
     local port = S.listen(w, "max", at(0), nil, "hold", nil, 1).address.port

@@ -566,6 +566,12 @@ describe("sharing, SCHED_RR", function()
       assert.equal("SIGKILL", signal)
     end)
 
+    for _, kind in ipairs { "tcp", "unix", "udp" } do
+      it("a worker forked while the last worker on a " .. kind .. " address is disconnecting, its server still open, listens there too (no EADDRINUSE); the old one exits 0, the new one serves, and once it closes the master holds nothing and the address is free", function()
+        S.listen_while_last_leaves(kind, kind == "unix" and tmpdir() or nil)
+      end)
+    end
+
     it("when the last worker leaves a key the master closes that listener: connecting then fails", function()
       local ws = S.fork(2)
       local port = S.listen_all(ws, "k", at(0))[1].address.port

@@ -265,8 +265,9 @@ function Socket:close(callback)
   local h = self._handle
   self._handle = nil
   local function closed() self:emit("close") end
-  if self._onClose then self._onClose(self) end
+  -- (the descriptor closes in h:close, before the master hears of it from _onClose)
   if h then h:close(closed) else defer(closed) end
+  if self._onClose then self._onClose(self) end
   return self
 end
 

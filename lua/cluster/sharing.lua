@@ -214,29 +214,42 @@ function M.installMaster(cluster)
     if not closed then close() end
   end
 
-  -- The worker leaves the key. gone: its channel closed, so unanswered connections
-  -- go to other workers at once.
-  local function leave(entry, worker, gone)
-    if not entry.workers[worker.id] then
+  -- The worker leaves the key. how: "disconnecting" (worker:disconnect(): out of the
+  -- distribution at once, its servers still closing), "closed" (it closed its copy) or
+  -- "gone" (its channel ended, so unanswered connections go to other workers at once).
+  -- A worker that is disconnecting still holds its copy of a socket the master sent it
+  -- (SCHED_NONE, UDP) until its server has closed: the master keeps the socket as long,
+  -- so that a worker's listen meanwhile gets it too instead of binding the address
+  -- afresh, which the old copy still holds (EADDRINUSE). entry.leaving: such workers.
+  local function leave(entry, worker, how)
+    local id = worker.id
+    if entry.workers[id] then
+      entry.workers[id] = nil
+      if entry.rr and worker._channel then
+        entry.handed = (entry.handed or 0) + entry.rr:handed(worker._channel)
+        worker._handedBefore = (worker._handedBefore or 0) + entry.rr:handed(worker._channel)
+        entry.rr:remove(worker._channel, how == "gone")
+      elseif entry.handle and how == "disconnecting" then
+        entry.leaving = entry.leaving or {}
+        entry.leaving[id] = true
+      end
+    elseif entry.leaving and entry.leaving[id] then
+      if how == "disconnecting" then return end
+      entry.leaving[id] = nil
+    else
       -- a worker that left (disconnect) and now died: what it still held unanswered goes
       -- to another worker (rr:remove ignores a channel that is not a member)
-      if gone and entry.rr and worker._channel then entry.rr:remove(worker._channel, true) end
+      if how == "gone" and entry.rr and worker._channel then entry.rr:remove(worker._channel, true) end
       return
     end
-    entry.workers[worker.id] = nil
-    if entry.rr and worker._channel then
-      entry.handed = (entry.handed or 0) + entry.rr:handed(worker._channel)
-      worker._handedBefore = (worker._handedBefore or 0) + entry.rr:handed(worker._channel)
-      entry.rr:remove(worker._channel, gone)
-    end
-    if next(entry.workers) == nil then close_entry(entry) end
+    if next(entry.workers) == nil and next(entry.leaving or {}) == nil then close_entry(entry) end
   end
 
-  local function leave_all(worker, gone)
-    for _, entry in pairs(entries) do leave(entry, worker, gone) end
+  local function leave_all(worker, how)
+    for _, entry in pairs(entries) do leave(entry, worker, how) end
   end
-  cluster._onWorkerDisconnecting = function(worker) leave_all(worker, false) end
-  cluster._onWorkerDisconnected = function(worker) leave_all(worker, true) end
+  cluster._onWorkerDisconnecting = function(worker) leave_all(worker, "disconnecting") end
+  cluster._onWorkerDisconnected = function(worker) leave_all(worker, "gone") end
 
   --- Connections handed to this worker through round-robin so far.
   function cluster._handedTo(worker)
@@ -361,7 +374,7 @@ function M.installMaster(cluster)
 
   function internal.close(worker, msg)
     local entry = entries[msg.key]
-    if entry then leave(entry, worker, false) end
+    if entry then leave(entry, worker, "closed") end
   end
 
   -- An object a worker sent. Nobody listening: nobody could take it, so it is closed.
