@@ -324,7 +324,10 @@ describe("sharing, SCHED_NONE", function()
 
   for _, kind in ipairs { "tcp", "unix", "udp" } do
     it("a worker forked while the last worker on a " .. kind .. " address is disconnecting, its server still open, listens there too (no EADDRINUSE); the old one exits 0, the new one serves, and once it closes the master holds nothing and the address is free", function()
-      S.listen_while_last_leaves(kind, kind == "unix" and tmpdir() or nil)
+      S.listen_while_last_leaves(kind, kind == "unix" and tmpdir() or nil, "disconnect")
+    end)
+    it("a worker forked while the last worker on a " .. kind .. " address is dying, its channel closed before its sockets, listens there too (no EADDRINUSE); the new one serves, and once it closes the master holds nothing and the address is free", function()
+      S.listen_while_last_leaves(kind, kind == "unix" and tmpdir() or nil, "dies")
     end)
   end
 

@@ -242,6 +242,7 @@ function M.install(cluster)
 
   local function emit_exit(worker, code, signal)
     worker._dead = true
+    if cluster._onWorkerExited then cluster._onWorkerExited(worker) end
     remove_worker(worker)
     cluster._all[worker.id] = nil
     worker.exitedAfterDisconnect = worker.exitedAfterDisconnect == true

@@ -215,26 +215,30 @@ function M.installMaster(cluster)
   end
 
   -- The worker leaves the key. how: "disconnecting" (worker:disconnect(): out of the
-  -- distribution at once, its servers still closing), "closed" (it closed its copy) or
-  -- "gone" (its channel ended, so unanswered connections go to other workers at once).
-  -- A worker that is disconnecting still holds its copy of a socket the master sent it
-  -- (SCHED_NONE, UDP) until its server has closed: the master keeps the socket as long,
-  -- so that a worker's listen meanwhile gets it too instead of binding the address
-  -- afresh, which the old copy still holds (EADDRINUSE). entry.leaving: such workers.
+  -- distribution at once, its servers still closing), "closed" (it closed its copy),
+  -- "gone" (its channel ended, so unanswered connections go to other workers at once)
+  -- or "exited" (its process is reaped).
+  -- A worker may still hold its copy of a socket the master sent it (SCHED_NONE, UDP)
+  -- while it is disconnecting (until its server has closed) and after its channel ended
+  -- (a dying process closes its descriptors one by one; the channel's may go first): the
+  -- master keeps the socket as long, so that a worker's listen meanwhile gets it too
+  -- instead of binding the address afresh, which the old copy still holds (EADDRINUSE).
+  -- entry.leaving: such workers, by id.
   local function leave(entry, worker, how)
     local id = worker.id
+    local holds = entry.handle ~= nil and (how == "disconnecting" or (how == "gone" and not worker._exited))
     if entry.workers[id] then
       entry.workers[id] = nil
       if entry.rr and worker._channel then
         entry.handed = (entry.handed or 0) + entry.rr:handed(worker._channel)
         worker._handedBefore = (worker._handedBefore or 0) + entry.rr:handed(worker._channel)
         entry.rr:remove(worker._channel, how == "gone")
-      elseif entry.handle and how == "disconnecting" then
+      elseif holds then
         entry.leaving = entry.leaving or {}
         entry.leaving[id] = true
       end
     elseif entry.leaving and entry.leaving[id] then
-      if how == "disconnecting" then return end
+      if holds then return end
       entry.leaving[id] = nil
     else
       -- a worker that left (disconnect) and now died: what it still held unanswered goes
@@ -250,6 +254,7 @@ function M.installMaster(cluster)
   end
   cluster._onWorkerDisconnecting = function(worker) leave_all(worker, "disconnecting") end
   cluster._onWorkerDisconnected = function(worker) leave_all(worker, "gone") end
+  cluster._onWorkerExited = function(worker) leave_all(worker, "exited") end
 
   --- Connections handed to this worker through round-robin so far.
   function cluster._handedTo(worker)
