@@ -32,24 +32,11 @@ local function exits_cleanly(w)
   assert.is_nil(signal)
 end
 
-local dirs = {}
-local function tmpdir()
-  local d = S.tmpdir()
-  dirs[#dirs + 1] = d
-  return d
-end
+local before, after, tmpdir = S.scaffold()
 
 describe("Node parity", function()
-  before_each(function()
-    H.setup()
-    dirs = {}
-  end)
-  after_each(function()
-    S.close_tracked()
-    H.teardown()
-    for _, d in ipairs(dirs) do S.rmdir(d) end
-    H.run_for(10)
-  end)
+  before_each(before)
+  after_each(after)
 
   describe("lifecycle", function()
     it("call-and-destroy (Node test-cluster-call-and-destroy): a worker that disconnects itself is not connected at its 'disconnect', where destroy() may still be called", function()

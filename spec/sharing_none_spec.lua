@@ -16,24 +16,11 @@ cluster.schedulingPolicy = cluster.SCHED_NONE
 local HAS_IPV6 = S.has_ipv6()
 local at, ask, answered_by, pids_of = S.at, S.ask, S.answered_by, S.pids_of
 local local_server, wait_exit = S.local_server, S.wait_exit
-local dirs = {}
-local function tmpdir()
-  local d = S.tmpdir()
-  dirs[#dirs + 1] = d
-  return d
-end
+local before, after, tmpdir = S.scaffold()
 
 describe("sharing, SCHED_NONE", function()
-  before_each(function()
-    H.setup()
-    dirs = {}
-  end)
-  after_each(function()
-    S.close_tracked()
-    H.teardown()
-    for _, d in ipairs(dirs) do S.rmdir(d) end
-    H.run_for(10)
-  end)
+  before_each(before)
+  after_each(after)
 
   it("is the policy in force", function()
     S.fork(1)
@@ -322,14 +309,7 @@ describe("sharing, SCHED_NONE", function()
     S.disconnect_race()
   end)
 
-  for _, kind in ipairs { "tcp", "unix", "udp" } do
-    it("a worker forked while the last worker on a " .. kind .. " address is disconnecting, its server still open, listens there too (no EADDRINUSE); the old one exits 0, the new one serves, and once it closes the master holds nothing and the address is free", function()
-      S.listen_while_last_leaves(kind, kind == "unix" and tmpdir() or nil, "disconnect")
-    end)
-    it("a worker forked while the last worker on a " .. kind .. " address is dying, its channel closed before its sockets, listens there too (no EADDRINUSE); the new one serves, and once it closes the master holds nothing and the address is free", function()
-      S.listen_while_last_leaves(kind, kind == "unix" and tmpdir() or nil, "dies")
-    end)
-  end
+  for _, case in ipairs(S.leaving_cases()) do it(case.name, function() case.run(tmpdir) end) end
 
   it("a worker's server at its maxConnections accepts and closes what is over, with 'drop' and the client's address", function()
     local w = S.fork(1)[1]

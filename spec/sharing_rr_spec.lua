@@ -17,25 +17,11 @@ local HAS_IPV6 = S.has_ipv6()
 
 local at, ask, answered_by, pids_of, track = S.at, S.ask, S.answered_by, S.pids_of, S.track
 local local_server, wait_exit, ss_backlog = S.local_server, S.wait_exit, S.ss_backlog
-local dirs = {}
--- A fresh directory, removed after the spec.
-local function tmpdir()
-  local d = S.tmpdir()
-  dirs[#dirs + 1] = d
-  return d
-end
+local before, after, tmpdir = S.scaffold()
 
 describe("sharing, SCHED_RR", function()
-  before_each(function()
-    H.setup()
-    dirs = {}
-  end)
-  after_each(function()
-    S.close_tracked()
-    H.teardown()
-    for _, d in ipairs(dirs) do S.rmdir(d) end
-    H.run_for(10)
-  end)
+  before_each(before)
+  after_each(after)
 
   it("is the default policy", function()
     assert.equal(cluster.SCHED_RR, cluster.schedulingPolicy)
@@ -448,27 +434,31 @@ describe("sharing, SCHED_RR", function()
       assert.is_nil(by[ws[1].process.pid])
     end)
 
-    it("connections queued or in flight for a worker killed with SIGKILL under load are handed to another worker: 200 of 200 answered", function()
-      local ws = S.fork(2)
-      local port = S.listen_all(ws, "load", at(0))[1].address.port
-      local victim, killed = ws[1], false
-      local records = S.clients(200, at(port), 200, function(n)
-        if n == 40 and not killed then
-          killed = true
-          core.kill(victim.process.pid, "SIGKILL")
-        end
-      end, 20000)
-      local by, total, failures = S.tally(records)
-      assert.is_true(killed)
-      assert.same({}, failures)
-      assert.equal(200, total)
-      assert.is_true((by[ws[2].process.pid] or 0) > 0)
-      assert.is_true((by[victim.process.pid] or 0) < 200)
-      local _, signal = wait_exit(victim)
-      assert.equal("SIGKILL", signal)
-      -- the survivor keeps serving
-      assert.equal(ws[2].process.pid, answered_by(ask(at(port))))
-    end)
+    for _, kind in ipairs { "TCP", "unix" } do
+      it(kind .. " connections queued or in flight for a worker killed with SIGKILL under load are handed to another worker: 200 of 200 answered", function()
+        local ws = S.fork(2)
+        local where = kind == "unix" and { path = tmpdir() .. "/load.sock" } or at(0)
+        local address = S.listen_all(ws, "load", where)[1].address
+        if kind == "TCP" then where = at(address.port) end
+        local victim, killed = ws[1], false
+        local records = S.clients(200, where, 200, function(n)
+          if n == 40 and not killed then
+            killed = true
+            core.kill(victim.process.pid, "SIGKILL")
+          end
+        end, 20000)
+        local by, total, failures = S.tally(records)
+        assert.is_true(killed)
+        assert.same({}, failures)
+        assert.equal(200, total)
+        assert.is_true((by[ws[2].process.pid] or 0) > 0)
+        assert.is_true((by[victim.process.pid] or 0) < 200)
+        local _, signal = wait_exit(victim)
+        assert.equal("SIGKILL", signal)
+        -- the survivor keeps serving
+        assert.equal(ws[2].process.pid, answered_by(ask(where)))
+      end)
+    end
 
     for _, kind in ipairs { "TCP", "unix" } do
       it("a " .. kind .. " connection whose worker read the request and died before answering the master is closed, not handed to another worker that would never see the request", function()
@@ -490,24 +480,6 @@ describe("sharing, SCHED_RR", function()
         assert.equal(1, #exits) -- the other worker never got the connection
       end)
     end
-
-    it("a unix connection queued or in flight for a worker killed with SIGKILL before taking it goes to another worker: 100 of 100 answered", function()
-      local ws = S.fork(2)
-      local path = tmpdir() .. "/load.sock"
-      S.listen_all(ws, "load", { path = path })
-      local victim, killed = ws[1], false
-      local records = S.clients(100, { path = path }, 100, function(n)
-        if n == 20 and not killed then
-          killed = true
-          core.kill(victim.process.pid, "SIGKILL")
-        end
-      end, 20000)
-      local by, total, failures = S.tally(records)
-      assert.is_true(killed)
-      assert.same({}, failures)
-      assert.equal(100, total)
-      assert.is_true((by[ws[2].process.pid] or 0) > 0)
-    end)
 
     it("connections handed while the channel to a worker is backed up queue behind what it holds and are all answered once it reads again", function()
       local w = S.fork(1)[1]
@@ -566,14 +538,7 @@ describe("sharing, SCHED_RR", function()
       assert.equal("SIGKILL", signal)
     end)
 
-    for _, kind in ipairs { "tcp", "unix", "udp" } do
-      it("a worker forked while the last worker on a " .. kind .. " address is disconnecting, its server still open, listens there too (no EADDRINUSE); the old one exits 0, the new one serves, and once it closes the master holds nothing and the address is free", function()
-        S.listen_while_last_leaves(kind, kind == "unix" and tmpdir() or nil, "disconnect")
-      end)
-      it("a worker forked while the last worker on a " .. kind .. " address is dying, its channel closed before its sockets, listens there too (no EADDRINUSE); the new one serves, and once it closes the master holds nothing and the address is free", function()
-        S.listen_while_last_leaves(kind, kind == "unix" and tmpdir() or nil, "dies")
-      end)
-    end
+    for _, case in ipairs(S.leaving_cases()) do it(case.name, function() case.run(tmpdir) end) end
 
     it("when the last worker leaves a key the master closes that listener: connecting then fails", function()
       local ws = S.fork(2)
