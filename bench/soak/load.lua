@@ -12,15 +12,10 @@ local net = require "cluster.net"
 local dgram = require "cluster.dgram"
 local core = require "cluster.core"
 
-local function env_num(name, default)
-  return math.tointeger(tonumber(os.getenv(name) or "")) or default
-end
-
-local HOST = "127.0.0.1"
-local PORT_SUP = env_num("SOAK_PORT_SUP", 18901)
-local PORT_CHURN = env_num("SOAK_PORT_CHURN", 18902)
-local PORT_UDP = env_num("SOAK_PORT_UDP", 18903)
-local DIR = os.getenv("SOAK_DIR") or "/tmp"
+local settings = dofile((arg[0]:match("^(.*)/") or ".") .. "/settings.lua")
+local env_num = settings.env_num
+local HOST, PORT_SUP, PORT_CHURN, PORT_UDP = settings.HOST, settings.PORT_SUP, settings.PORT_CHURN, settings.PORT_UDP
+local UNIX_SUP, UNIX_CHURN = settings.UNIX_SUP, settings.UNIX_CHURN
 local CLIENTS = env_num("SOAK_CLIENTS", 6)
 local UDP_MS = env_num("SOAK_UDP_MS", 5)
 local TIMEOUT_MS = env_num("SOAK_CLIENT_TIMEOUT_MS", 5000)
@@ -33,8 +28,8 @@ statsfile:setvbuf("line")
 local TARGETS = {
   { name = "sup", port = PORT_SUP },
   { name = "churn", port = PORT_CHURN },
-  { name = "unix_sup", path = DIR .. "/sup.sock" },
-  { name = "unix_churn", path = DIR .. "/churn.sock" },
+  { name = "unix_sup", path = UNIX_SUP },
+  { name = "unix_churn", path = UNIX_CHURN },
   { name = "sup2", port = PORT_SUP },   -- the supervised port twice as often
 }
 local REQUEST = "GET / HTTP/1.1\r\nHost: soak\r\nConnection: close\r\n\r\n"

@@ -36,17 +36,10 @@ local net = require "cluster.net"
 local dgram = require "cluster.dgram"
 local core = require "cluster.core"
 
-local function env_num(name, default)
-  return math.tointeger(tonumber(os.getenv(name) or "")) or default
-end
-
-local HOST = "127.0.0.1"
-local PORT_SUP = env_num("SOAK_PORT_SUP", 18901)
-local PORT_CHURN = env_num("SOAK_PORT_CHURN", 18902)
-local PORT_UDP = env_num("SOAK_PORT_UDP", 18903)
-local DIR = os.getenv("SOAK_DIR") or "/tmp"
-local UNIX_SUP = DIR .. "/sup.sock"
-local UNIX_CHURN = DIR .. "/churn.sock"
+local settings = dofile((arg[0]:match("^(.*)/") or ".") .. "/settings.lua")
+local env_num = settings.env_num
+local HOST, PORT_SUP, PORT_CHURN, PORT_UDP = settings.HOST, settings.PORT_SUP, settings.PORT_CHURN, settings.PORT_UDP
+local DIR, UNIX_SUP, UNIX_CHURN = settings.DIR, settings.UNIX_SUP, settings.UNIX_CHURN
 
 local RESPONSE = "HTTP/1.1 200 OK\r\nContent-Length: 5\r\nContent-Type: text/plain\r\n\r\nhello"
 local RESPONSE_CLOSE = "HTTP/1.1 200 OK\r\nContent-Length: 5\r\nConnection: close\r\n\r\nhello"
