@@ -440,17 +440,8 @@ describe("sharing, SCHED_RR", function()
         local where = kind == "unix" and { path = tmpdir() .. "/load.sock" } or at(0)
         local address = S.listen_all(ws, "load", where)[1].address
         if kind == "TCP" then where = at(address.port) end
-        local victim, killed = ws[1], false
-        local records = S.clients(200, where, 200, function(n)
-          if n == 40 and not killed then
-            killed = true
-            core.kill(victim.process.pid, "SIGKILL")
-          end
-        end, 20000)
-        local by, total, failures = S.tally(records)
-        assert.is_true(killed)
-        assert.same({}, failures)
-        assert.equal(200, total)
+        local victim = ws[1]
+        local by = S.clients_killing(victim, 200, where, 20000)
         assert.is_true((by[ws[2].process.pid] or 0) > 0)
         assert.is_true((by[victim.process.pid] or 0) < 200)
         local _, signal = wait_exit(victim)
@@ -522,17 +513,7 @@ describe("sharing, SCHED_RR", function()
       local port = S.listen_all(ws, "hung", at(0))[1].address.port
       local victim, other = ws[1], ws[2]
       S.block(victim, 5000) -- what it is handed stays unanswered
-      local killed = false
-      local records = S.clients(200, at(port), 200, function(n)
-        if n == 40 and not killed then
-          killed = true
-          core.kill(victim.process.pid, "SIGKILL")
-        end
-      end, 8000)
-      local by, total, failures = S.tally(records)
-      assert.is_true(killed)
-      assert.same({}, failures)
-      assert.equal(200, total)
+      local by = S.clients_killing(victim, 200, at(port), 8000)
       assert.same({ [other.process.pid] = 200 }, by)
       local _, signal = wait_exit(victim)
       assert.equal("SIGKILL", signal)
