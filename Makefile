@@ -14,7 +14,7 @@ SO        := $(BUILD)/cluster/core.so
 export LUA_PATH_5_4  := $(CURDIR)/lua/?.lua;$(CURDIR)/lua/?/init.lua;$(CURDIR)/spec/?.lua;;
 export LUA_CPATH_5_4 := $(CURDIR)/$(BUILD)/?.so;;
 
-.PHONY: all test test-plain asan bench clean deps run
+.PHONY: all test test-plain asan bench soak clean deps run
 
 # Debian packages the build, the tests and the main example need.
 DEB_PACKAGES := lua5.4 liblua5.4-dev libuv1-dev lua-busted pkg-config gcc make
@@ -66,6 +66,11 @@ bench: $(SO)
 	bash bench/run
 	bash bench/http/run
 	bash bench/reload/run
+
+# Does a long-running master leak? Five minutes of churn per scheduling policy
+# (SOAK_SECONDS), a verdict per metric (bench/soak/run).
+soak: $(SO)
+	bash bench/soak/run
 
 clean:
 	rm -rf build build-asan
