@@ -173,6 +173,21 @@ uv_handle_t *cl_stream_new(lua_State *L, uv_handle_type type) {
   }
 }
 
+/* core.ip_family(s) -> 4 | 6 | 0: whether s is an IPv4 or an IPv6 address in text
+ * (net.isIP); a zone ("fe80::1%lo") counts, as for Node. */
+static int l_ip_family(lua_State *L) {
+  size_t len;
+  const char *s = luaL_checklstring(L, 1, &len);
+  struct sockaddr_storage ss;
+  int family = 0;
+  if (strlen(s) == len) { /* (an embedded NUL is no address) */
+    if (uv_ip4_addr(s, 0, (struct sockaddr_in *)&ss) == 0) family = 4;
+    else if (uv_ip6_addr(s, 0, (struct sockaddr_in6 *)&ss) == 0) family = 6;
+  }
+  lua_pushinteger(L, family);
+  return 1;
+}
+
 static int l_tcp_new(lua_State *L) {
   cl_stream_new(L, UV_TCP);
   return 1;
@@ -674,6 +689,7 @@ void cl_open_stream(lua_State *L) {
   lua_pop(L, 1);
   static const luaL_Reg fns[] = {
     {"tcp_new", l_tcp_new}, {"pipe_new", l_pipe_new}, {"error_object", l_error_object},
+    {"ip_family", l_ip_family},
     {NULL, NULL}};
   luaL_setfuncs(L, fns, 0);
 }

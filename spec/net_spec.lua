@@ -1124,6 +1124,103 @@ describe("cluster.net", function()
     end)
   end)
 
+  describe("a client's own end: localAddress and localPort (Node's test-net-local-address-port, -connect-options-port)", function()
+    -- accepts one connection from a client made with `opts` (port filled in); returns
+    -- the server's socket and the client, both open
+    local function connect_from(opts)
+      local accepted
+      local server = net.createServer(function(s) accepted = s end)
+      server:listen(0, "127.0.0.1")
+      opts.port = server:address().port
+      local connected = false
+      local c = net.connect(opts, function() connected = true end)
+      assert.is_true(run_until(function() return accepted ~= nil and connected end))
+      return server, c, accepted
+    end
+
+    it("binds the client to localAddress before connecting: both ends see that address", function()
+      local server, c, accepted = connect_from { host = "127.0.0.1", localAddress = "127.0.0.2" }
+      assert.equal("127.0.0.2", accepted.remoteAddress)
+      assert.equal("127.0.0.2", c.localAddress)
+      assert.equal(c.localPort, accepted.remotePort)
+      assert.equal("127.0.0.2", c:address().address)
+      close_accepted(server, c, accepted)
+    end)
+
+    it("binds the client to localPort (with or without localAddress)", function()
+      for _, local_address in ipairs { "127.0.0.1", false } do
+        local port = free_port()
+        local server, c, accepted = connect_from { host = "127.0.0.1", localAddress = local_address or nil, localPort = port }
+        assert.equal(port, accepted.remotePort)
+        assert.equal(port, c.localPort)
+        close_accepted(server, c, accepted)
+      end
+    end)
+
+    it("a localAddress the host does not have: 'error' EADDRNOTAVAIL from bind, then 'close', and no connection", function()
+      local accepted = false
+      local server = net.createServer(function() accepted = true end)
+      server:listen(0, "127.0.0.1")
+      local c = net.connect { port = server:address().port, host = "127.0.0.1", localAddress = "192.0.2.1" }
+      local err, closed, connected
+      c:on("connect", function() connected = true end)
+      c:on("error", function(e) err = e end)
+      c:on("close", function(had_error) closed = had_error end)
+      assert.is_true(run_until(function() return closed ~= nil end))
+      assert.is_true(closed)
+      assert.equal("EADDRNOTAVAIL", err.code)
+      assert.equal("bind", err.syscall)
+      assert.equal("192.0.2.1", err.address)
+      assert.is_nil(connected)
+      run_for(50)
+      assert.is_false(accepted)
+      close_server(server)
+    end)
+
+    it("a localPort in use: 'error' EADDRINUSE (libuv reports it from connect, as in Node)", function()
+      local holder = net.createServer()
+      holder:listen(0, "127.0.0.1")
+      local taken = holder:address().port
+      local server = net.createServer()
+      server:listen(0, "127.0.0.1")
+      local c = net.connect { port = server:address().port, host = "127.0.0.1", localAddress = "127.0.0.1", localPort = taken }
+      local err, closed
+      c:on("error", function(e) err = e end)
+      c:on("close", function() closed = true end)
+      assert.is_true(run_until(function() return closed end))
+      assert.equal("EADDRINUSE", err.code)
+      close_server(server)
+      close_server(holder)
+    end)
+
+    it("a localAddress that is not an IP address, or a bad localPort, raises naming the function and option", function()
+      local function raises(fn, pattern)
+        local ok, msg = pcall(fn)
+        assert.is_false(ok)
+        assert.truthy(tostring(msg):find(pattern), tostring(msg))
+      end
+      raises(function() net.connect { port = 1, localAddress = "localhost" } end,
+        'net%.connect: bad argument #1 %(localAddress%): expected an IP address, got "localhost"')
+      raises(function() net.connect { port = 1, localAddress = 127 } end, "%(localAddress%): expected an IP address, got number")
+      raises(function() net.connect { port = 1, localPort = 70000 } end, "net%.connect: bad argument #1 %(localPort%)")
+      raises(function() net.connect { port = 1, localPort = "x" } end, "%(localPort%): expected a port number, got string")
+      raises(function() net.Socket.new():connect { port = 1, localAddress = "::1::" } end, "socket:connect: bad argument #1 %(localAddress%)")
+    end)
+
+    it("net.isIP, isIPv4 and isIPv6 tell addresses from anything else", function()
+      assert.equal(4, net.isIP("127.0.0.1"))
+      assert.equal(6, net.isIP("::1"))
+      assert.equal(6, net.isIP("::ffff:127.0.0.1"))
+      for _, no in ipairs { "localhost", "1.2.3", "256.1.1.1", "", "::1::", "1.2.3.4\0", 1234 } do
+        assert.equal(0, net.isIP(no), tostring(no))
+      end
+      assert.is_true(net.isIPv4("10.0.0.1"))
+      assert.is_false(net.isIPv4("::1"))
+      assert.is_true(net.isIPv6("fe80::1"))
+      assert.is_false(net.isIPv6("10.0.0.1"))
+    end)
+  end)
+
   describe("server.maxConnections (Node's test-net-server-max-connections, -drop-connections)", function()
     -- n clients that stay connected; returns them once each is connected or closed
     local function clients(port, n)

@@ -21,6 +21,7 @@ local defer = loop.defer
 -- the hot paths call these as plain functions: no method lookup through a metatable
 local emit = Emitter.emit
 local stream_methods = core.stream_methods
+local ip_family = core.ip_family
 local read_start, try_read, stream_write, write_queue_size, close_handle, stream_accept =
   stream_methods.read_start, stream_methods.try_read, stream_methods.write,
   stream_methods.write_queue_size, stream_methods.close, stream_methods.accept
@@ -692,6 +693,21 @@ function Socket:_connected(err)
   self:emit("ready")
 end
 
+-- A TCP connect's own end (Node's localAddress and localPort): an IP address and a
+-- port, each optional; checked here, bound before connecting.
+local function check_local_end(fname, opts)
+  local addr = opts.localAddress
+  if addr ~= nil and (type(addr) ~= "string" or ip_family(addr) == 0) then
+    argerror(fname, 1, "localAddress", "expected an IP address, got " ..
+      (type(addr) == "string" and string.format("%q", addr) or type(addr)))
+  end
+  if opts.localPort ~= nil then
+    local port = to_port(opts.localPort)
+    if port == nil or port < 0 or port > 65535 then typeerror(fname, 1, "localPort", "a port number", opts.localPort) end
+    opts.localPort = port
+  end
+end
+
 local function normalize_connect(fname, ...)
   local n = select("#", ...)
   local a1, a2, a3 = ...
@@ -703,6 +719,7 @@ local function normalize_connect(fname, ...)
     if opts.path == nil then
       opts.port = check_port(fname, 1, opts.port)
       if opts.host ~= nil and type(opts.host) ~= "string" then typeerror(fname, 1, "host", "a string", opts.host) end
+      check_local_end(fname, opts)
     elseif type(opts.path) ~= "string" then
       typeerror(fname, 1, "path", "a string", opts.path)
     end
@@ -750,6 +767,18 @@ function Socket:_connect(opts, cb)
     h = core.tcp_new()
     if self._noDelay then h:nodelay(true) end
     if self._keepAlive then h:keepalive(true, self._keepAlive) end
+    if opts.localAddress or opts.localPort then
+      -- without an address, the port is bound on every interface of the host's family
+      local addr = opts.localAddress or (ip_family(host) == 6 and "::" or "0.0.0.0")
+      local port = opts.localPort or 0
+      local bound
+      bound, _, code = h:bind(addr, port)
+      if not bound then
+        self._handle = h
+        self:destroy(uv_error(code, "bind", host_port(addr, port), { address = addr, port = port }))
+        return self
+      end
+    end
     ok, _, code = h:connect(host, opts.port, on_connect)
   end
   self._handle = h
@@ -827,13 +856,24 @@ end
 loop.refMethods(Socket)
 
 --- Opens a connection: `net.connect(port[, host][, callback])`, `net.connect(path[, callback])`
--- or `net.connect({port=, host=, path=, allowHalfOpen=}[, callback])`.
+-- or `net.connect({port=, host=, path=, allowHalfOpen=, localAddress=, localPort=}[, callback])`.
 -- @treturn Socket
 function M.connect(...)
   local opts, cb = normalize_connect("net.connect", ...)
   return new_socket(opts):_connect(opts, cb)
 end
 M.createConnection = M.connect
+
+--- Whether `s` is an IP address: 4 (IPv4), 6 (IPv6) or 0 (anything else), as Node's
+-- `net.isIP`. @treturn integer
+function M.isIP(s)
+  if type(s) ~= "string" then return 0 end
+  return ip_family(s)
+end
+--- @treturn boolean whether `s` is an IPv4 address
+function M.isIPv4(s) return M.isIP(s) == 4 end
+--- @treturn boolean whether `s` is an IPv6 address
+function M.isIPv6(s) return M.isIP(s) == 6 end
 
 --- Wraps a connected stream handle (cluster.tcp or cluster.pipe userdata, for example one
 -- received over the IPC channel) as a Socket. Internal.
