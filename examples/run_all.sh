@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Runs every example with a time limit and prints ok/FAIL per file; exits non-zero
 # if any failed. Skipped: the long-running servers (server.lua, counter.lua,
-# supervisor.lua) and any example with a line "-- run_all: skip" in its first 10 lines.
+# supervisor.lua, sticky.lua) and any example with a line "-- run_all: skip" in its first 10 lines.
 #   bash examples/run_all.sh            # uses build/ (make), or BUILD=build-ex
 #   VERBOSE=1 bash examples/run_all.sh  # show each example's output
 set -u
@@ -25,7 +25,7 @@ out=$(mktemp)
 trap 'rm -f "$out"' EXIT
 for f in "$here"/*.lua; do
   name=$(basename "$f")
-  case $name in server.lua|counter.lua|supervisor.lua) continue ;; esac
+  case $name in server.lua|counter.lua|supervisor.lua|sticky.lua) continue ;; esac
   if head -n 10 "$f" | grep -q -- '-- run_all: skip'; then continue; fi
   total=$((total + 1))
   start=$(date +%s.%N)
