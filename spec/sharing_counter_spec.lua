@@ -12,14 +12,6 @@ local function get(port)
   return S.ask(S.at(port), "GET / HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n", true)
 end
 
-local function children_of(pid)
-  local p = S.popen("pgrep -P " .. pid)
-  local list = {}
-  for line in p:lines() do list[#list + 1] = math.tointeger(tonumber(line)) end
-  p:close()
-  return list
-end
-
 local function start(port)
   local m = H.spawn_master(COUNTER, {}, { PORT = tostring(port) })
   local up = H.wait_until(function()
@@ -44,7 +36,7 @@ describe("examples/counter.lua", function()
     it("counts every request its workers serve on PORT and exits 0 on " .. signal .. " with no worker left", function()
       local port = S.free_port()
       local m = start(port)
-      local workers = children_of(m.pid)
+      local workers = S.children_of(m.pid)
       assert.is_true(#workers >= 1)
       for _ = 1, 5 do
         local r = get(port)

@@ -10,14 +10,6 @@ local STICKY = H.ROOT .. "/examples/sticky.lua"
 local CLOSE = "GET / HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
 local KEEP_ALIVE = "GET / HTTP/1.1\r\nHost: x\r\n\r\n"
 
-local function children_of(pid)
-  local p = S.popen("pgrep -P " .. pid)
-  local list = {}
-  for line in p:lines() do list[#list + 1] = math.tointeger(tonumber(line)) end
-  p:close()
-  return list
-end
-
 -- The answers in a connection's bytes: { {worker=, pid=, visit=, address=}, ... }.
 local function answers(data)
   local list = {}
@@ -63,7 +55,7 @@ end
 
 -- SIGTERM: exit 0, and no worker left.
 local function stop(m)
-  local workers = children_of(m.pid)
+  local workers = S.children_of(m.pid)
   core.kill(m.pid, "SIGTERM")
   assert.is_true(H.wait_until(function() return H.master_status(m) ~= nil end, 6000, 20))
   assert.equal(0, H.master_status(m), H.read_file(m.err))
@@ -100,7 +92,7 @@ describe("examples/sticky.lua", function()
     end
     local pids = {}
     for _, pid in pairs(seen) do pids[pid] = true end
-    local workers = children_of(m.pid)
+    local workers = S.children_of(m.pid)
     for pid in pairs(pids) do assert.truthy(H.alive(pid)) end
     assert.equal(2, #workers)
     assert.is_true(pids[workers[1]] and pids[workers[2]], "one worker served every address")
@@ -135,7 +127,7 @@ describe("examples/sticky.lua", function()
     assert.equal(1, again.visit)
     local other = visit(port, "127.0.0.2")
     assert.same({ two.pid, 2 }, { other.pid, other.visit })
-    assert.equal(2, #children_of(m.pid))
+    assert.equal(2, #S.children_of(m.pid))
     stop(m)
   end)
 
