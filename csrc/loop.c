@@ -164,11 +164,37 @@ static int l_alive(lua_State *L) {
   return 1;
 }
 
+/* The poll phases begun: a prepare handle runs right before each (unref'd: it never
+ * keeps the loop alive). */
+static uv_prepare_t phase_counter;
+static unsigned long poll_phase;
+
+static void count_phase(uv_prepare_t *p) {
+  (void)p;
+  poll_phase++;
+}
+
+unsigned long cl_poll_phase(void) { return poll_phase; }
+
+/* core.backend_fd(): the loop's epoll descriptor (libuv's uv_backend_fd), so that a
+ * spec can read what it holds in /proc. */
+static int l_backend_fd(lua_State *L) {
+  lua_pushinteger(L, uv_backend_fd(cl_loop()));
+  return 1;
+}
+
 void cl_open_loop(lua_State *L) {
+  static int counting = 0;
+  if (!counting) {
+    uv_prepare_init(cl_loop(), &phase_counter);
+    uv_prepare_start(&phase_counter, count_phase);
+    uv_unref((uv_handle_t *)&phase_counter);
+    counting = 1;
+  }
   static const luaL_Reg fns[] = {
     {"run", l_run}, {"poll", l_poll}, {"run_once", l_run_once}, {"stop", l_stop},
     {"now", l_now}, {"update_time", l_update_time}, {"hrtime", l_hrtime}, {"alive", l_alive},
-    {"loop_running", l_loop_running},
+    {"loop_running", l_loop_running}, {"backend_fd", l_backend_fd},
     {NULL, NULL}};
   luaL_setfuncs(L, fns, 0);
 }

@@ -55,6 +55,7 @@ cl_handle *cl_handle_new(lua_State *L, size_t size, const char *tname) {
   lua_pushvalue(L, -1);
   h->self_ref = luaL_ref(L, LUA_REGISTRYINDEX);
   h->u.handle.data = h;
+  h->born = cl_poll_phase();
   return h;
 }
 
@@ -133,8 +134,45 @@ void cl_push_owner_ref(lua_State *L, int self_ref) {
   lua_remove(L, -2);
 }
 
+/* libuv closes a socket's descriptor with an EPOLL_CTL_DEL first, whether or not it
+ * ever added it to epoll. A connection answered and closed in the turn it arrived (a
+ * round-robin hand-off, an accept whose request was there at once) never was: libuv
+ * adds descriptors only as a poll phase begins (uv__io_poll), so one made in the
+ * current phase is not in the set, and its DEL is a system call that fails (ENOENT),
+ * one per connection. libuv tests the loop's backend descriptor before that DEL (for
+ * a loop being torn down); hiding it for the length of uv_close skips the call and
+ * nothing else (uv_close touches the backend descriptor nowhere else). libuv 1.45
+ * moved epoll_ctl onto io_uring batches and dropped that test, so only the versions
+ * before it, that this was read against, get it, built and running alike. */
+static int skip_del_works(void) {
+#if UV_VERSION_MAJOR == 1 && UV_VERSION_MINOR >= 30 && UV_VERSION_MINOR < 45 && defined(__linux__)
+  static int works = -1;
+  if (works < 0) {
+    unsigned v = uv_version();
+    works = v >= 0x011e00 && v < 0x012d00;
+  }
+  return works;
+#else
+  return 0;
+#endif
+}
+
+static int never_polled(cl_handle *h) {
+  uv_handle_type t = h->u.handle.type;
+  return (t == UV_TCP || t == UV_NAMED_PIPE) && h->born == cl_poll_phase() && skip_del_works();
+}
+
 void cl_handle_close(cl_handle *h) {
-  if (!uv_is_closing(&h->u.handle)) uv_close(&h->u.handle, on_handle_closed);
+  if (uv_is_closing(&h->u.handle)) return;
+  if (never_polled(h)) {
+    uv_loop_t *loop = h->u.handle.loop;
+    int backend = loop->backend_fd;
+    loop->backend_fd = -1;
+    uv_close(&h->u.handle, on_handle_closed);
+    loop->backend_fd = backend;
+    return;
+  }
+  uv_close(&h->u.handle, on_handle_closed);
 }
 
 int cl_handle_close_method(lua_State *L) {

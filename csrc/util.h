@@ -14,6 +14,10 @@
 
 /* The one loop of the process. */
 uv_loop_t *cl_loop(void);
+/* How many poll phases the loop has begun (a count kept by loop.c): libuv adds
+ * descriptors to epoll only as a poll phase begins, so a handle made in the current
+ * phase has never been added. */
+unsigned long cl_poll_phase(void);
 
 /* ---- growable byte buffer (malloc'ed) ---- */
 typedef struct cl_buf {
@@ -53,6 +57,7 @@ typedef struct cl_handle {
   int close_ref;           /* callback for close, LUA_NOREF if none */
   int read_with_owner;     /* a stream's read callback takes its owner first */
   void (*on_free)(struct cl_handle *); /* type-specific cleanup before free, may be NULL */
+  unsigned long born;      /* cl_poll_phase() when it was made (see cl_handle_close) */
 } cl_handle;
 
 /* Allocates `size` bytes (>= sizeof(cl_handle), the concept's struct starting with a
