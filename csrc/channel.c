@@ -22,6 +22,7 @@
 #include <unistd.h>
 #include <errno.h>
 #include <stdio.h>
+#include <sys/ioctl.h>
 #include <sys/socket.h>
 
 #define TNAME "cluster.channel"
@@ -36,7 +37,7 @@ struct cl_channel {
   size_t in_pos;          /* start of the first unparsed frame in `in` */
   cl_buf out;             /* frames not yet handed to libuv */
   int out_cbs;            /* registry ref of a table of send callbacks for `out`, or LUA_NOREF */
-  cl_channel *next_pending; /* in the flush list while `out` has bytes */
+  cl_channel *next_pending; /* in the flush list while `out` has bytes, or reread is set */
   int in_flush_list;
   int closed_reported;
   int reading;
@@ -45,6 +46,7 @@ struct cl_channel {
   int answers_held;       /* accepted hand-offs answered in `out` but not yet flushed */
   uv_timer_t *answer_timer; /* flushes held answers; NULL until a worker first needs it */
   int cb_writes;          /* write requests with send callbacks not yet called back */
+  int reread;             /* reading ended early (see on_read): start it again next turn */
 };
 
 /* A worker answers the connections it accepts in batches: the master needs an answer
@@ -81,6 +83,7 @@ static uv_prepare_t flusher;
 static int flusher_ready = 0;
 
 static void flush(cl_channel *ch, int in_loop);
+static void restart_reading(cl_channel *ch);
 
 static void on_prepare(uv_prepare_t *p) {
   cl_channel *ch;
@@ -89,6 +92,7 @@ static void on_prepare(uv_prepare_t *p) {
     ch->in_flush_list = 0;
     ch->next_pending = NULL;
     flush(ch, 1);
+    if (ch->reread) restart_reading(ch);
   }
   uv_prepare_stop(p);
 }
@@ -779,6 +783,21 @@ static void on_alloc(uv_handle_t *handle, size_t suggested, uv_buf_t *buf) {
   *buf = uv_buf_init(ch->in.data + ch->in.len, (unsigned)(ch->in.cap - ch->in.len));
 }
 
+/* Whether bytes wait in the channel's socket (FIONREAD: what the next reads would get). */
+static int bytes_waiting(cl_channel *ch) {
+  uv_os_fd_t fd;
+  int n = 0;
+  return uv_fileno(&ch->h.u.handle, &fd) == 0 && ioctl(fd, FIONREAD, &n) == 0 && n > 0;
+}
+
+static void on_read(uv_stream_t *stream, ssize_t nread, const uv_buf_t *buf);
+
+static void restart_reading(cl_channel *ch) {
+  ch->reread = 0;
+  if (cl_handle_is_closing(&ch->h)) return;
+  if (uv_read_start(&ch->h.u.stream, on_alloc, on_read) != 0) fail_channel(ch, NULL);
+}
+
 static void on_read(uv_stream_t *stream, ssize_t nread, const uv_buf_t *buf) {
   cl_channel *ch = stream->data;
   (void)buf;
@@ -788,6 +807,17 @@ static void on_read(uv_stream_t *stream, ssize_t nread, const uv_buf_t *buf) {
     return;
   }
   if (nread == 0) return;
+  if (nread == UV_EOF && bytes_waiting(ch)) {
+    /* Not the end yet. libuv takes a read shorter than its buffer, on a socket whose
+     * peer has hung up, for the last one (its POLLHUP short cut; libuv/libuv#4992),
+     * but recvmsg stops after each message that carries descriptors: the frames the
+     * peer wrote after a handle, just before it closed (a message, its disconnect),
+     * are still there. Reading starts again next turn: not from here, as libuv marks
+     * the stream not reading once this returns. */
+    ch->reread = 1;
+    schedule_flush(ch);
+    return;
+  }
   if (nread == UV_EOF || nread == UV_ECONNRESET || nread == UV_EPIPE) {
     /* the other side closed; a reset only means it left with bytes unread */
     fail_channel(ch, NULL);
