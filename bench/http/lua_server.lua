@@ -35,7 +35,11 @@ else
         if not head_end then break end
         local head = chunk:sub(pos, head_end)
         pos = head_end + 4
-        if head:lower():find("\nconnection: *close") then
+        -- the header by a plain search, its value anchored there: a pattern that may
+        -- start anywhere is tried at every position (Lua's patterns are not compiled)
+        local lower = head:lower()
+        local at = lower:find("\nconnection:", 1, true)
+        if at and lower:find("^[ \t]*close", at + 12) then
           -- as Node's http server does for Connection: close: close once written,
           -- without waiting for the client's FIN
           socket:write(CLOSE)

@@ -14,6 +14,7 @@ const WORKERS = Number(process.env.WORKERS) || 2;
 const RESPONSE = 'HTTP/1.1 200 OK\r\nContent-Type: text/plain\r\nContent-Length: 12\r\n';
 const KEEP_ALIVE = RESPONSE + '\r\nhello world\n';
 const CLOSE = RESPONSE + 'Connection: close\r\n\r\nhello world\n';
+const CLOSE_VALUE = /[ \t]*close/y; // sticky: matches at lastIndex only
 
 if (cluster.isPrimary) {
   let listening = 0;
@@ -34,7 +35,11 @@ if (cluster.isPrimary) {
         if (headEnd < 0) break;
         const head = chunk.slice(pos, headEnd + 1);
         pos = headEnd + 4;
-        if (/\nconnection: *close/.test(head.toLowerCase())) {
+        // the header by a plain search, its value anchored there (as the Lua responder)
+        const lower = head.toLowerCase();
+        const at = lower.indexOf('\nconnection:');
+        CLOSE_VALUE.lastIndex = at + 12;
+        if (at >= 0 && CLOSE_VALUE.test(lower)) {
           // as Node's http server does for Connection: close: close once written,
           // without waiting for the client's FIN
           socket.write(CLOSE);
