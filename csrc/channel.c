@@ -493,22 +493,14 @@ static int queue_answer(cl_channel *ch, uint32_t rr_id, uint32_t seq, int answer
   return 0;
 }
 
-/* ch:answer(rr_id, seq, accepted, conn): the worker's reply to a handed connection.
- * An accepted unix connection is also marked as this process's own (its owner, F_SETOWN,
- * which lives in the open file the master shares): the answer is held back a while,
- * and if the worker dies before it leaves, the master finds the mark and closes the
- * connection instead of handing a served one on (csrc/rr.c, was_served; a TCP
- * connection tells by its byte counts). */
+/* ch:answer(rr_id, seq, accepted): the worker's reply to a handed connection. (A unix
+ * connection is marked as this process's own before its first read: see
+ * handle_conn_frame.) */
 static int ch_answer(lua_State *L) {
   cl_channel *ch = check_channel(L, 1);
   uint32_t rr_id = (uint32_t)luaL_checkinteger(L, 2);
   uint32_t seq = (uint32_t)luaL_checkinteger(L, 3);
   int accepted = lua_toboolean(L, 4);
-  cl_handle *conn = lua_isnoneornil(L, 5) ? NULL : cl_handle_test(L, 5);
-  uv_os_fd_t fd;
-  if (accepted && conn && !cl_handle_is_closing(conn) && conn->u.handle.type == UV_NAMED_PIPE &&
-      uv_fileno(&conn->u.handle, &fd) == 0)
-    (void)fcntl(fd, F_SETOWN, (int)getpid());
   if (queue_answer(ch, rr_id, seq, accepted ? CL_CONN_ACCEPTED : CL_CONN_REFUSED) != 0)
     return luaL_error(L, "answer: out of memory");
   return 0;
@@ -645,6 +637,15 @@ static int handle_conn_frame(cl_channel *ch, int flags, const char *p, uint32_t 
      * that message's): the master still holds the connection and hands it on. */
     if (cl_handle_is_closing(&ch->h)) return 0;
     return queue_answer(ch, get_le32(p), get_le32(p + 4), CL_CONN_NO_DESCRIPTOR) == 0;
+  }
+  if (kind == 2) {
+    /* A unix socket keeps no byte counts: the master tells a connection this worker has
+     * read from (served: nobody else can answer it) by a mark the first read sets, its
+     * owner (F_SETOWN, in the open file both copies share; csrc/rr.c, was_served). Set
+     * before the read, the mark never misses one; and a connection accepted but not yet
+     * read when the worker dies carries none, and goes to another worker. */
+    cl_handle *rh = cl_handle_test(L, -1);
+    if (rh) rh->mark_on_read = 1;
   }
   if (!cl_push_cb(&ch->h, CB_CONN)) {
     /* nobody takes connections here: refuse, so the master hands it to another worker */

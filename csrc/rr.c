@@ -422,8 +422,8 @@ static void on_readable(uv_poll_t *p, int status, int events) {
  * answer was still held back, csrc/channel.c): handing it on would leave the client
  * waiting for the answer to a request nobody has. Such a connection is closed instead,
  * as the worker's death would have closed it. A TCP connection tells by its byte counts
- * (read from or written to); a unix socket keeps none, so the worker marks one it
- * accepts as its own (F_SETOWN on the open file both copies share). */
+ * (read from or written to); a unix socket keeps none, so the worker marks one as its
+ * own before it first reads from it (F_SETOWN on the open file both copies share). */
 /* glibc's struct tcp_info stops at tcpi_total_retrans; Linux (4.6+) goes on, append-only. */
 struct tcp_info_bytes {
   struct tcp_info base;

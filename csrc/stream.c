@@ -13,6 +13,7 @@
 #include <stdlib.h>
 #include <string.h>
 #include <errno.h>
+#include <fcntl.h>
 #include <unistd.h>
 
 #define TCP_TNAME "cluster.tcp"
@@ -412,9 +413,18 @@ static int s_connect(lua_State *L) {
  * never interleaves two allocations before their reads, so one buffer serves all. */
 static char read_buffer[64 * 1024];
 
+/* Before a handed unix connection's first read: its owner becomes this process (see
+ * channel.c, handle_conn_frame). */
+static void mark_before_read(cl_handle *h) {
+  uv_os_fd_t fd;
+  h->mark_on_read = 0;
+  if (uv_fileno(&h->u.handle, &fd) == 0) (void)fcntl(fd, F_SETOWN, (int)getpid());
+}
+
 static void on_alloc(uv_handle_t *uvh, size_t suggested, uv_buf_t *buf) {
-  (void)uvh;
+  cl_handle *h = uvh->data;
   (void)suggested;
+  if (h->mark_on_read) mark_before_read(h); /* (libuv reads right after this) */
   buf->base = read_buffer;
   buf->len = sizeof read_buffer;
 }
@@ -467,6 +477,7 @@ static int s_try_read(lua_State *L) {
   uv_os_fd_t fd;
   int err = uv_fileno(&h->u.handle, &fd);
   if (err) { lua_pushboolean(L, 0); return 1; }
+  if (h->mark_on_read) mark_before_read(h);
   ssize_t n;
   do n = read(fd, read_buffer, sizeof read_buffer); while (n < 0 && errno == EINTR);
   if (n > 0) {

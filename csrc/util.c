@@ -59,22 +59,39 @@ cl_handle *cl_handle_new(lua_State *L, size_t size, const char *tname) {
   return h;
 }
 
-/* Every handle metatable holds [&HANDLE_MARK] = true: one lookup by a light userdata
- * key tells a cluster handle from any other userdata (no string keys to intern). */
+/* Every handle metatable carries HANDLE_MARK: it tells a cluster handle from any other
+ * userdata. */
 static const char HANDLE_MARK = 0;
 
+/* The marks, as (mark, metatable) pairs: a metatable lives in the registry for good
+ * and never moves, so its address identifies it. Checking a value is then a metatable
+ * fetch and a few pointer compares, with no table lookup (every stream method checks
+ * its handle: several times per connection). */
+#define MAX_MARKED 64
+static struct { const void *mark, *metatable; } marked[MAX_MARKED];
+static int n_marked = 0;
+
 int cl_has_mark(lua_State *L, int idx, const void *mark) {
+  static int last = 0; /* the pair found last: the same check comes again and again */
   if (!lua_getmetatable(L, idx)) return 0;
-  int found = lua_rawgetp(L, -1, mark) == LUA_TBOOLEAN;
-  lua_pop(L, 2);
-  return found;
+  const void *mt = lua_topointer(L, -1);
+  lua_pop(L, 1);
+  if (marked[last].metatable == mt && marked[last].mark == mark) return 1;
+  for (int i = 0; i < n_marked; i++)
+    if (marked[i].metatable == mt && marked[i].mark == mark) { last = i; return 1; }
+  return 0;
 }
 
 void cl_set_mark(lua_State *L, const char *tname, const void *mark) {
   luaL_getmetatable(L, tname);
-  lua_pushboolean(L, 1);
-  lua_rawsetp(L, -2, mark);
+  const void *mt = lua_topointer(L, -1);
   lua_pop(L, 1);
+  for (int i = 0; i < n_marked; i++)
+    if (marked[i].metatable == mt && marked[i].mark == mark) return;
+  if (n_marked == MAX_MARKED) luaL_error(L, "cl_set_mark: more than %d marks", MAX_MARKED);
+  marked[n_marked].mark = mark;
+  marked[n_marked].metatable = mt;
+  n_marked++;
 }
 
 cl_handle *cl_check_marked(lua_State *L, int idx, const void *mark, const char *expected) {

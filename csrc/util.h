@@ -56,6 +56,7 @@ typedef struct cl_handle {
   int cbs[CL_MAX_CBS];     /* registry refs of Lua callbacks, LUA_NOREF if none */
   int close_ref;           /* callback for close, LUA_NOREF if none */
   int read_with_owner;     /* a stream's read callback takes its owner first */
+  int mark_on_read;        /* a handed unix connection: marked as ours before its first read */
   void (*on_free)(struct cl_handle *); /* type-specific cleanup before free, may be NULL */
   unsigned long born;      /* cl_poll_phase() when it was made (see cl_handle_close) */
 } cl_handle;
@@ -72,9 +73,9 @@ cl_handle *cl_handle_test(lua_State *L, int idx);
  * metamethods __close and __tostring (no __gc: see util.c); marks it as a cluster
  * handle type. */
 void cl_handle_register(lua_State *L, const char *tname, const luaL_Reg *methods);
-/* Marks: a light userdata key `mark` set to true in metatable tname (cl_set_mark);
- * cl_has_mark tells whether the value at idx has a metatable with that mark. Cheaper
- * than luaL_testudata, which looks tname up in the registry by string. */
+/* Marks: cl_set_mark gives metatable tname the mark `mark` (any address, one per
+ * concept); cl_has_mark tells whether the value at idx has a metatable with that mark.
+ * Cheaper than luaL_testudata, which looks tname up in the registry by string. */
 void cl_set_mark(lua_State *L, const char *tname, const void *mark);
 int cl_has_mark(lua_State *L, int idx, const void *mark);
 /* The open handle at idx, whose metatable carries `mark`; else raises a type error

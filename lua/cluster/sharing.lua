@@ -496,7 +496,7 @@ function M.installWorker(cluster)
     -- (a maxConnections that is not a number refuses the connection, then raises)
     if server and server.listening and channel
         and not (server.maxConnections ~= nil and server:_full(refuse, channel, rr_id, seq, stream)) then
-      answer(channel, rr_id, seq, true, stream)
+      answer(channel, rr_id, seq, true)
       accept_stream(server, stream, remoteAddress, remotePort, remoteFamily, localAddress, localPort, localFamily)
     elseif channel then
       refuse(channel, rr_id, seq, stream)
