@@ -19,9 +19,9 @@ build = {
   modules = {
     ["cluster.core"] = {
       sources = {
-        "csrc/alloc.c", "csrc/channel.c", "csrc/codec.c", "csrc/core.c", "csrc/idle.c", "csrc/loop.c",
-        "csrc/process.c", "csrc/rr.c", "csrc/signal.c", "csrc/stream.c", "csrc/sys.c", "csrc/timer.c",
-        "csrc/tty.c", "csrc/udp.c", "csrc/util.c",
+        "csrc/accept.c", "csrc/alloc.c", "csrc/channel.c", "csrc/codec.c", "csrc/core.c", "csrc/idle.c",
+        "csrc/loop.c", "csrc/process.c", "csrc/rr.c", "csrc/signal.c", "csrc/stream.c", "csrc/sys.c",
+        "csrc/timer.c", "csrc/tty.c", "csrc/udp.c", "csrc/util.c",
       },
       libraries = { "uv", "pthread", "dl" },
       incdirs = { "$(LIBUV_INCDIR)" },

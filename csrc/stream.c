@@ -246,12 +246,19 @@ static int s_bind(lua_State *L) {
   return 1;
 }
 
+/* A connection the Lua callback did not accept (it raised first) is closed: libuv would
+ * stop accepting until it was, and nothing takes it later. */
 static void on_connection(uv_stream_t *server, int status) {
   cl_handle *h = server->data;
-  if (!cl_push_cb(h, SLOT_CONNECTION)) return;
-  if (status < 0) cl_push_error_object(h->L, status, "accept", NULL);
-  else lua_pushnil(h->L);
-  cl_call(h->L, 1);
+  if (cl_push_cb(h, SLOT_CONNECTION)) {
+    if (status < 0) cl_push_error_object(h->L, status, "accept", NULL);
+    else lua_pushnil(h->L);
+    cl_call(h->L, 1);
+  }
+  if (status == 0 && server->accepted_fd != -1 && !uv_is_closing((uv_handle_t *)server)) {
+    close(server->accepted_fd);
+    server->accepted_fd = -1;
+  }
 }
 
 /* s:listen(backlog, on_connection(err)) -> true | nil, msg, code.
@@ -263,6 +270,7 @@ static int s_listen(lua_State *L) {
   luaL_argcheck(L, backlog >= 0 && backlog <= 0x7fffffff, 2, "backlog out of range");
   int err = uv_listen(&h->u.stream, (int)backlog, on_connection);
   if (err) return cl_push_fail(L, err, "listen");
+  if (is_tcp(h)) cl_accept_with_peer(&h->u.tcp);
   cl_set_cb(L, h, SLOT_CONNECTION, 3);
   lua_pushboolean(L, 1);
   return 1;
@@ -270,12 +278,14 @@ static int s_listen(lua_State *L) {
 
 /* Pushes a connected TCP stream's remote address, port and family, then its local ones
  * (nils where unknown): both ends at once, without tables, for every accepted
- * connection. A local end the caller knows (its server's own address, at local_idx,
- * local_idx + 1, local_idx + 2) is pushed as given instead of asking the kernel. */
-static int push_addresses(lua_State *L, uv_tcp_t *tcp, int local_idx) {
+ * connection. The remote end, when the accept brought it (`peer`), and a local end the
+ * caller knows (its server's own address, at local_idx, local_idx + 1, local_idx + 2)
+ * are pushed as given instead of asking the kernel. */
+static int push_addresses(lua_State *L, uv_tcp_t *tcp, const struct sockaddr *peer, int local_idx) {
   struct sockaddr_storage ss;
   int len = sizeof ss;
-  if (uv_tcp_getpeername(tcp, (struct sockaddr *)&ss, &len) == 0) cl_push_sockaddr_values(L, (struct sockaddr *)&ss);
+  if (peer) cl_push_sockaddr_values(L, peer);
+  else if (uv_tcp_getpeername(tcp, (struct sockaddr *)&ss, &len) == 0) cl_push_sockaddr_values(L, (struct sockaddr *)&ss);
   else { lua_pushnil(L); lua_pushnil(L); lua_pushnil(L); }
   if (!lua_isnoneornil(L, local_idx)) {
     lua_pushvalue(L, local_idx);
@@ -295,6 +305,7 @@ static int push_addresses(lua_State *L, uv_tcp_t *tcp, int local_idx) {
 static int s_accept(lua_State *L) {
   cl_handle *h = check_stream(L, 1);
   uv_handle_t *client = cl_stream_new(L, h->u.handle.type);
+  const struct sockaddr *peer = is_tcp(h) ? cl_accepted_peer(&h->u.tcp) : NULL;
   int err = uv_accept(&h->u.stream, (uv_stream_t *)client);
   if (err) {
     cl_handle_close(client->data);
@@ -302,7 +313,7 @@ static int s_accept(lua_State *L) {
     return cl_push_fail(L, err, "accept");
   }
   if (!is_tcp(h)) return 1;
-  return 1 + push_addresses(L, (uv_tcp_t *)client, 2);
+  return 1 + push_addresses(L, (uv_tcp_t *)client, peer, 2);
 }
 
 /* ---- connect ---- */
@@ -609,7 +620,7 @@ static int push_name(lua_State *L, cl_handle *h, int peer) {
 /* tcp:addresses([localAddress, localPort, localFamily]) -> remoteAddress, remotePort,
  * remoteFamily, localAddress, localPort, localFamily (see push_addresses). */
 static int s_addresses(lua_State *L) {
-  return push_addresses(L, &cl_handle_check(L, 1, TCP_TNAME)->u.tcp, 2);
+  return push_addresses(L, &cl_handle_check(L, 1, TCP_TNAME)->u.tcp, NULL, 2);
 }
 
 /* s:getsockname() / s:getpeername() -> {address=, port=, family=} (tcp) or path (pipe) */

@@ -160,23 +160,10 @@ void cl_push_owner_ref(lua_State *L, int self_ref) {
  * a loop being torn down); hiding it for the length of uv_close skips the call and
  * nothing else (uv_close touches the backend descriptor nowhere else). libuv 1.45
  * moved epoll_ctl onto io_uring batches and dropped that test, so only the versions
- * before it, that this was read against, get it, built and running alike. */
-static int skip_del_works(void) {
-#if UV_VERSION_MAJOR == 1 && UV_VERSION_MINOR >= 30 && UV_VERSION_MINOR < 45 && defined(__linux__)
-  static int works = -1;
-  if (works < 0) {
-    unsigned v = uv_version();
-    works = v >= 0x011e00 && v < 0x012d00;
-  }
-  return works;
-#else
-  return 0;
-#endif
-}
-
+ * before it, that this was read against, get it (cl_libuv_internals_known). */
 static int never_polled(cl_handle *h) {
   uv_handle_type t = h->u.handle.type;
-  return (t == UV_TCP || t == UV_NAMED_PIPE) && h->born == cl_poll_phase() && skip_del_works();
+  return (t == UV_TCP || t == UV_NAMED_PIPE) && h->born == cl_poll_phase() && cl_libuv_internals_known();
 }
 
 void cl_handle_close(cl_handle *h) {

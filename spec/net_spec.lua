@@ -1597,6 +1597,64 @@ describe("cluster.net", function()
       end)
     end)
 
+    it("the core's accept brings the peer's address with the connection: IPv4 and IPv6", function()
+      local hosts = { "127.0.0.1" }
+      if has_ipv6() then hosts[2] = "::1" end
+      for _, host in ipairs(hosts) do
+        local raw = core.tcp_new()
+        assert.is_true(raw:bind(host, 0))
+        local got = {}
+        raw:listen(8, function(err)
+          assert.is_nil(err)
+          local stream, address, port, family = raw:accept()
+          got[#got + 1] = { address = address, port = port, family = family }
+          stream:close()
+        end)
+        local clients, connected = {}, 0
+        for i = 1, 3 do
+          clients[i] = net.connect(raw:getsockname().port, host, function() connected = connected + 1 end)
+        end
+        assert.is_true(run_until(function() return #got == 3 and connected == 3 end))
+        local want, seen = {}, {}
+        for i = 1, 3 do want[clients[i].localPort] = true end
+        for _, a in ipairs(got) do
+          assert.are.equal(host, a.address)
+          assert.are.equal(host == "::1" and "IPv6" or "IPv4", a.family)
+          seen[a.port] = true
+        end
+        assert.are.same(want, seen)
+        for i = 1, 3 do clients[i]:destroy() end
+        raw:close()
+        assert.is_true(settle())
+      end
+    end)
+
+    it("a connection its listen callback does not accept is closed, and the server goes on accepting", function()
+      local raw = core.tcp_new()
+      raw:bind("127.0.0.1", 0)
+      local calls = 0
+      raw:listen(8, function()
+        calls = calls + 1
+        if calls > 1 then raw:accept():close() end -- the first is left unaccepted
+      end)
+      local port = raw:getsockname().port
+      local first_closed = false
+      local first = net.connect(port, "127.0.0.1")
+      first:on("error", function() end)
+      first:on("close", function() first_closed = true end)
+      first:resume()
+      assert.is_true(run_until(function() return first_closed end), "the unaccepted connection stayed open")
+      local second_closed = false
+      local second = net.connect(port, "127.0.0.1")
+      second:on("error", function() end)
+      second:on("close", function() second_closed = true end)
+      second:resume()
+      assert.is_true(run_until(function() return second_closed end), "the server stopped accepting")
+      assert.are.equal(2, calls)
+      raw:close()
+      assert.is_true(settle())
+    end)
+
     it("_adoptHandle listens on a bound handle", function()
       local h = core.tcp_new()
       h:bind("127.0.0.1", 0)
