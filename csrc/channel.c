@@ -341,6 +341,7 @@ static int ch_send(lua_State *L) {
     return lua_error(L);
   }
   flush(ch, 0);
+  send->alone = 0; /* the other side holds its file too */
   int cbs = LUA_NOREF;
   if (!lua_isnoneornil(L, 5)) { lua_pushvalue(L, 5); cbs = luaL_ref(L, LUA_REGISTRYINDEX); }
   lua_pushvalue(L, 4);

@@ -312,6 +312,7 @@ static int s_accept(lua_State *L) {
     lua_pop(L, 1);
     return cl_push_fail(L, err, "accept");
   }
+  ((cl_handle *)client->data)->alone = 1; /* accepted here: nobody else has it yet */
   if (!is_tcp(h)) return 1;
   return 1 + push_addresses(L, (uv_tcp_t *)client, peer, 2);
 }
@@ -436,6 +437,7 @@ static void on_alloc(uv_handle_t *uvh, size_t suggested, uv_buf_t *buf) {
   cl_handle *h = uvh->data;
   (void)suggested;
   if (h->mark_on_read) mark_before_read(h); /* (libuv reads right after this) */
+  if (h->soon_queued) cl_read_soon_cancel(h); /* libuv's poll got there first */
   buf->base = read_buffer;
   buf->len = sizeof read_buffer;
 }
@@ -478,36 +480,95 @@ static int s_read_start(lua_State *L) {
   return 1;
 }
 
-/* s:try_read() -> chunk | false (nothing yet) | nil (end of stream; reading stopped) |
- * nil, err. One read(2) now, for a connection whose first bytes are likely waiting
- * already: they are handled in the turn that accepted it rather than after the next
- * poll, and a connection that is answered and closed at once is never registered with
- * epoll at all. */
-static int s_try_read(lua_State *L) {
-  cl_handle *h = check_stream(L, 1);
+/* ---- a new connection's first read ----
+ * s:read_soon(): one read(2) at the end of this turn's I/O callbacks (a check handle),
+ * for a reading stream whose first bytes are likely on their way: a connection just
+ * accepted, whose request usually arrives while the turn handles the others that were
+ * ready with it (a round-robin hand-off's came with it). What the read finds goes to
+ * the read callback as libuv's reads do, and a connection answered and closed then is
+ * never registered with epoll: its ADD, the poll's wake-up for it and its DEL are
+ * spared. If nothing is there yet, libuv's own reading (the stream is registered as the
+ * next poll begins) takes over.
+ * For connections that stay silent (a protocol where the server speaks first) the read
+ * is a system call for nothing, so the process keeps a score: up by one for a read that
+ * found bytes (to SOON_MAX), down by one for one that found none; when it would go
+ * below zero, the next SOON_SKIP connections are left to the poll, then reads resume. */
+enum { SOON_MAX = 8, SOON_SKIP = 16 };
+static int soon_score;
+static cl_handle *soon_head, *soon_tail; /* the queue, through cl_handle.soon_next */
+static uv_check_t soon_check;
+static int soon_check_ready;
+
+/* Takes a stream off the queue (read_stop, or its handle is being freed). */
+void cl_read_soon_cancel(cl_handle *h) {
+  cl_handle **p = &soon_head, *prev = NULL;
+  while (*p && *p != h) { prev = *p; p = &(*p)->soon_next; }
+  if (*p) {
+    *p = h->soon_next;
+    if (soon_tail == h) soon_tail = prev;
+  }
+  h->soon_next = NULL;
+  h->soon_queued = 0;
+}
+
+static void read_now(cl_handle *h) {
   uv_os_fd_t fd;
-  int err = uv_fileno(&h->u.handle, &fd);
-  if (err) { lua_pushboolean(L, 0); return 1; }
-  if (h->mark_on_read) mark_before_read(h);
+  if (uv_fileno(&h->u.handle, &fd) != 0) return;
+  uv_buf_t buf;
+  on_alloc(&h->u.handle, sizeof read_buffer, &buf);
   ssize_t n;
-  do n = read(fd, read_buffer, sizeof read_buffer); while (n < 0 && errno == EINTR);
+  do n = read(fd, buf.base, buf.len); while (n < 0 && errno == EINTR);
+  if (n < 0 && (errno == EAGAIN || errno == EWOULDBLOCK)) {
+    soon_score = soon_score == 0 ? -SOON_SKIP : soon_score - 1;
+    return;
+  }
+  if (soon_score < SOON_MAX) soon_score++;
   if (n > 0) {
-    lua_pushlstring(L, read_buffer, (size_t)n);
-    return 1;
+    on_read(&h->u.stream, n, &buf);
+    return;
   }
-  if (n == 0) {
-    uv_read_stop(&h->u.stream);
-    lua_pushnil(L);
-    return 1;
+  /* the end, or an error: reading stops, as libuv's does */
+  int status = n == 0 ? UV_EOF : uv_translate_sys_error(errno);
+  uv_read_stop(&h->u.stream);
+  on_read(&h->u.stream, status, &buf);
+}
+
+static void on_soon(uv_check_t *c) {
+  while (soon_head) { /* (a read callback may queue more: they are read too) */
+    cl_handle *h = soon_head;
+    soon_head = h->soon_next;
+    if (soon_head == NULL) soon_tail = NULL;
+    h->soon_next = NULL;
+    h->soon_queued = 0;
+    if (!uv_is_closing(&h->u.handle)) read_now(h);
   }
-  if (errno == EAGAIN || errno == EWOULDBLOCK) { lua_pushboolean(L, 0); return 1; }
-  lua_pushnil(L);
-  cl_push_error_object(L, uv_translate_sys_error(errno), "read", NULL);
-  return 2;
+  uv_check_stop(c);
+}
+
+static int s_read_soon(lua_State *L) {
+  cl_handle *h = check_stream(L, 1);
+  if (h->soon_queued || !uv_is_active(&h->u.handle)) return 0;
+  if (soon_score < 0) { /* backing off: the poll reads it */
+    soon_score++;
+    return 0;
+  }
+  if (!soon_check_ready) {
+    uv_check_init(cl_loop(), &soon_check);
+    uv_unref((uv_handle_t *)&soon_check);
+    soon_check_ready = 1;
+  }
+  h->soon_queued = 1;
+  h->soon_next = NULL;
+  if (soon_tail) soon_tail->soon_next = h;
+  else soon_head = h;
+  soon_tail = h;
+  uv_check_start(&soon_check, on_soon);
+  return 0;
 }
 
 static int s_read_stop(lua_State *L) {
   cl_handle *h = check_stream(L, 1);
+  if (h->soon_queued) cl_read_soon_cancel(h);
   uv_read_stop(&h->u.stream);
   return 0;
 }
@@ -684,7 +745,7 @@ void cl_open_stream(lua_State *L) {
   if (sigaction(SIGPIPE, NULL, &sa) == 0 && sa.sa_handler == SIG_DFL) signal(SIGPIPE, SIG_IGN);
   static const luaL_Reg methods[] = {
     {"bind", s_bind}, {"listen", s_listen}, {"accept", s_accept}, {"connect", s_connect},
-    {"read_start", s_read_start}, {"read_stop", s_read_stop}, {"try_read", s_try_read},
+    {"read_start", s_read_start}, {"read_stop", s_read_stop}, {"read_soon", s_read_soon},
     {"write", s_write},
     {"write_queue_size", s_write_queue_size}, {"shutdown", s_shutdown},
     {"getsockname", s_getsockname}, {"getpeername", s_getpeername},

@@ -1,5 +1,6 @@
 /* Shared plumbing: buffers, handle lifetime, protected callbacks, errors, signals. */
 #include "util.h"
+#include "stream.h"
 
 #include <errno.h>
 #include <signal.h>
@@ -126,6 +127,7 @@ static void on_handle_closed(uv_handle_t *uvh) {
   cl_handle *h = uvh->data;
   lua_State *L = h->L;
   if (h->on_free) h->on_free(h);
+  if (h->soon_queued) cl_read_soon_cancel(h);
   int close_ref = h->close_ref;
   for (int i = 0; i < CL_MAX_CBS; i++) luaL_unref(L, LUA_REGISTRYINDEX, h->cbs[i]);
   *h->box = NULL;
@@ -152,23 +154,35 @@ void cl_push_owner_ref(lua_State *L, int self_ref) {
 }
 
 /* libuv closes a socket's descriptor with an EPOLL_CTL_DEL first, whether or not it
- * ever added it to epoll. A connection answered and closed in the turn it arrived (a
- * round-robin hand-off, an accept whose request was there at once) never was: libuv
- * adds descriptors only as a poll phase begins (uv__io_poll), so one made in the
- * current phase is not in the set, and its DEL is a system call that fails (ENOENT),
- * one per connection. libuv tests the loop's backend descriptor before that DEL (for
- * a loop being torn down); hiding it for the length of uv_close skips the call and
- * nothing else (uv_close touches the backend descriptor nowhere else). libuv 1.45
- * moved epoll_ctl onto io_uring batches and dropped that test, so only the versions
- * before it, that this was read against, get it (cl_libuv_internals_known). */
-static int never_polled(cl_handle *h) {
+ * ever added it to epoll, and whether or not the kernel would drop it by itself. Two
+ * kinds of stream need no DEL, and it is one system call per connection:
+ * - One made in the current poll phase (a round-robin hand-off, an accept whose
+ *   request was there at once, answered and closed in the turn it arrived): libuv adds
+ *   descriptors only as a poll phase begins (uv__io_poll), so it was never in the set,
+ *   and its DEL fails (ENOENT).
+ * - One whose file this process alone holds (`alone`: accepted here, never sent over a
+ *   channel nor given out by fileno(), and not fd 0-2, which a spawned worker
+ *   inherits). The kernel removes a file's epoll registrations when its last
+ *   descriptor closes, which is what libuv's close does next. libuv's DEL is for a file
+ *   that lives on in another process and would go on waking this loop; every socket
+ *   here is close-on-exec, and uv_spawn returns only once the child has exec'd.
+ * libuv tests the loop's backend descriptor before that DEL (for a loop being torn
+ * down); hiding it for the length of uv_close skips the call and nothing else
+ * (uv_close touches the backend descriptor nowhere else; the events already fetched
+ * for the descriptor are still invalidated). libuv 1.45 moved epoll_ctl onto io_uring
+ * batches and dropped that test, so only the versions before it, that this was read
+ * against, get it (cl_libuv_internals_known). */
+static int needs_no_del(cl_handle *h) {
   uv_handle_type t = h->u.handle.type;
-  return (t == UV_TCP || t == UV_NAMED_PIPE) && h->born == cl_poll_phase() && cl_libuv_internals_known();
+  if ((t != UV_TCP && t != UV_NAMED_PIPE) || !cl_libuv_internals_known()) return 0;
+  if (h->born == cl_poll_phase()) return 1;
+  uv_os_fd_t fd;
+  return h->alone && uv_fileno(&h->u.handle, &fd) == 0 && fd > 2;
 }
 
 void cl_handle_close(cl_handle *h) {
   if (uv_is_closing(&h->u.handle)) return;
-  if (never_polled(h)) {
+  if (needs_no_del(h)) {
     uv_loop_t *loop = h->u.handle.loop;
     int backend = loop->backend_fd;
     loop->backend_fd = -1;
@@ -211,8 +225,10 @@ int cl_handle_ref_method(lua_State *L) { uv_ref(&check_any(L)->u.handle); return
 int cl_handle_unref_method(lua_State *L) { uv_unref(&check_any(L)->u.handle); return 0; }
 int cl_handle_fileno_method(lua_State *L) {
   uv_os_fd_t fd;
-  int err = uv_fileno(&check_any(L)->u.handle, &fd);
+  cl_handle *h = check_any(L);
+  int err = uv_fileno(&h->u.handle, &fd);
   if (err) return cl_push_fail(L, err, "fileno");
+  h->alone = 0; /* whoever asked may share it */
   lua_pushinteger(L, fd);
   return 1;
 }

@@ -70,6 +70,9 @@ typedef struct cl_handle {
   int mark_on_read;        /* a handed unix connection: marked as ours before its first read */
   void (*on_free)(struct cl_handle *); /* type-specific cleanup before free, may be NULL */
   unsigned long born;      /* cl_poll_phase() when it was made (see cl_handle_close) */
+  int alone;               /* a stream whose file only this process holds (see cl_handle_close) */
+  struct cl_handle *soon_next; /* a stream queued to read at the end of the turn (stream.c) */
+  int soon_queued;
 } cl_handle;
 
 /* Allocates `size` bytes (>= sizeof(cl_handle), the concept's struct starting with a

@@ -650,7 +650,7 @@ describe("cluster.net", function()
         close_server(server)
       end)
 
-      it("are read at once, unless the server's recent connections had none: then 16 wait for the poll", function()
+      it("are read in the turn that accepted them, unless the process's recent connections had none: then 16 wait for the poll", function()
         local loop = require "cluster.loop"
         local order = {}
         local server = net.createServer(function(sock)
@@ -682,7 +682,7 @@ describe("cluster.net", function()
         for i = 1, 16 do assert.are.same({ "next turn", "b" .. i }, served_by("b" .. i)) end
         assert.are.same({ "c", "next turn" }, served_by("c"))
         -- the score counts no more than 8 reads that found bytes: after 12 of them,
-        -- 9 silent clients are enough to stop the early reads again
+        -- 9 silent clients are enough to stop the first reads in the turn again
         for i = 1, 12 do assert.are.same({ "d" .. i, "next turn" }, served_by("d" .. i)) end
         for i = 3, 11 do
           local n = #order + 1
@@ -1653,6 +1653,39 @@ describe("cluster.net", function()
       assert.are.equal(2, calls)
       raw:close()
       assert.is_true(settle())
+    end)
+
+    it("a connection taken in from a deferred call, whose end is already there, gets 'end' and 'close' once each", function()
+      -- its end-of-turn read is queued outside the poll phase, so the poll that follows
+      -- reads the end first: the queued read must not read it again
+      local loop = require "cluster.loop"
+      local raw = core.tcp_new()
+      raw:bind("127.0.0.1", 0)
+      local stream
+      raw:listen(8, function() stream = raw:accept() end)
+      local port = raw:getsockname().port
+      local events = {}
+      -- (half-open: the socket stays open after its end, until it closes its own side)
+      local server = net.createServer({ allowHalfOpen = true }, function(sock)
+        sock:on("data", function(d) events[#events + 1] = "data:" .. d end)
+        sock:on("end", function()
+          events[#events + 1] = "end"
+          loop.setTimeout(function() sock:close() end, 20)
+        end)
+        sock:on("close", function() events[#events + 1] = "close" end)
+      end)
+      server:_setListening({ address = "127.0.0.1", family = "IPv4", port = port })
+      local connected = false
+      local c = net.connect(port, "127.0.0.1", function() connected = true end)
+      assert.is_true(run_until(function() return stream ~= nil and connected end))
+      c:destroy()
+      run_for(50) -- (the client's end reaches the accepted stream)
+      loop.defer(function() server:_acceptStream(stream) end)
+      assert.is_true(run_until(function() return events[#events] == "close" end))
+      run_for(50)
+      assert.are.same({ "end", "close" }, events)
+      raw:close()
+      close_server(server)
     end)
 
     it("_adoptHandle listens on a bound handle", function()

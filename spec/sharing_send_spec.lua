@@ -27,8 +27,10 @@ local WORKER = H.fixture("send_worker.lua")
 -- generous: the suite also runs under ASan+UBSan on a loaded machine
 local WAIT = 20000
 
-local function fork(mode)
-  local w = S.fork_script(WORKER, 1, { SEND_MODE = mode })[1]
+local function fork(mode, env)
+  env = env or {}
+  env.SEND_MODE = mode
+  local w = S.fork_script(WORKER, 1, env)[1]
   w:on("exit", H.expect(function() end, 1, "worker 'exit'"))
   return w
 end
@@ -182,6 +184,23 @@ describe("a sent socket's copy in the sender", function()
     assert.is_false(received.destroyed)
     received:destroy()
     client:destroy()
+    assert.equal(0, (S.wait_exit(w, WAIT)))
+    H.finish(WAIT)
+  end)
+
+  -- A connection that this process alone holds skips libuv's DEL too (csrc/util.c): the
+  -- kernel drops a file's watches when its last descriptor closes.
+  it("one the worker alone held, once polled, is out of the worker's epoll set after it closes", function()
+    local w = fork("polled", { SEND_POLLED_KEEP = "1" })
+    local port = assert(S.take(w, "port", nil, WAIT), "the worker never listened").port
+    local client = S.track(net.connect(port, "127.0.0.1"))
+    local ended = false
+    client:on("error", function() end)
+    client:on("close", function() ended = true end)
+    local after = assert(S.take(w, "after", nil, WAIT), "the worker's connection never closed")
+    assert.is_true(after.before, "the connection was not in the worker's epoll set while it read")
+    assert.is_false(after.after, "the worker's epoll set still holds the connection after it closed")
+    assert.is_true(H.wait_until(function() return ended end, WAIT), "the client never saw the close")
     assert.equal(0, (S.wait_exit(w, WAIT)))
     H.finish(WAIT)
   end)

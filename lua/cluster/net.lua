@@ -22,8 +22,8 @@ local defer = loop.defer
 local emit = Emitter.emit
 local stream_methods = core.stream_methods
 local ip_family = core.ip_family
-local read_start, try_read, stream_write, write_queue_size, close_handle, stream_accept =
-  stream_methods.read_start, stream_methods.try_read, stream_methods.write,
+local read_start, read_soon, stream_write, write_queue_size, close_handle, stream_accept =
+  stream_methods.read_start, stream_methods.read_soon, stream_methods.write,
   stream_methods.write_queue_size, stream_methods.close, stream_methods.accept
 
 local M = {}
@@ -913,7 +913,6 @@ function M.createServer(options, onConnection)
     pauseOnConnect = options.pauseOnConnect and true or false,
     _handle = nil,
     _connectionCount = 0,
-    _earlyReads = 0,
   }, Server)
   if onConnection then self:on("connection", onConnection) end
   return self
@@ -1131,16 +1130,6 @@ function Server:_setListening(address)
   defer(function() if self.listening then self:emit("listening") end end)
 end
 
--- A new connection's first bytes are often there already (nearly always for one the
--- master accepted and handed over): reading them right after the 'connection'
--- listeners ran, not after the next poll, spares a connection that is answered and
--- closed at once its epoll registration and a wake-up. A worker that accepts for
--- itself usually gets there before the request, though, and the read is a system call
--- for nothing. So a server keeps a score, _earlyReads: up by one for a read that found
--- bytes (to EARLY_READS_MAX), down by one for one that found none; when it would go
--- below zero the server stops trying for EARLY_READS_SKIP connections, then tries again.
-local EARLY_READS_MAX, EARLY_READS_SKIP = 8, 16
-
 --- Wraps an accepted, connected stream as a Socket and emits `'connection'`. Internal:
 -- `Server._acceptStream` (round-robin connections from the master come through it too).
 -- @param stream a cluster.tcp or cluster.pipe userdata
@@ -1160,24 +1149,10 @@ function accept_stream(self, stream, remoteAddress, remotePort, remoteFamily, lo
   local all = self._listeners -- (the listener called directly: once per connection)
   local on_connection = all and all.connection
   if on_connection then on_connection(sock) end
-  if sock._reading then -- (not paused nor destroyed by the listeners: both stop reading)
-    local score = self._earlyReads
-    if score < 0 then
-      self._earlyReads = score + 1
-    else
-      local chunk, err = try_read(sock._handle)
-      if chunk then
-        if score < EARLY_READS_MAX then self._earlyReads = score + 1 end
-        Socket._read(sock, nil, chunk)
-      elseif chunk == nil then
-        Socket._read(sock, err, nil) -- the end of the stream (libuv's reading stopped), or an error
-      elseif score == 0 then
-        self._earlyReads = -EARLY_READS_SKIP
-      else
-        self._earlyReads = score - 1
-      end
-    end
-  end
+  -- its first bytes are read at the end of this turn (the core's read_soon: a
+  -- connection answered then never reaches epoll), unless the listeners paused or
+  -- destroyed it: both stop reading
+  if sock._reading then read_soon(sock._handle) end
   return sock
 end
 Server._acceptStream = accept_stream
