@@ -17,6 +17,7 @@
 
 #include <errno.h>
 #include <stddef.h>
+#include <stdlib.h>
 #include <sys/socket.h>
 
 static uv__io_cb libuv_server_io; /* libuv's own accept loop, as uv_listen installed it */
@@ -63,8 +64,19 @@ int cl_libuv_internals_known(void) {
 #endif
 }
 
+/* libuv's UV_TCP_SINGLE_ACCEPT (a pause after each accept, to let other processes
+ * accept from a shared socket) lives in its own loop: with it set, that loop stays. */
+static int single_accept(void) {
+  static int cached = -1;
+  if (cached < 0) {
+    const char *v = getenv("UV_TCP_SINGLE_ACCEPT");
+    cached = v != NULL && atoi(v) != 0;
+  }
+  return cached;
+}
+
 void cl_accept_with_peer(uv_tcp_t *server) {
-  if (!cl_libuv_internals_known() || server->connection_cb == NULL) return;
+  if (!cl_libuv_internals_known() || server->connection_cb == NULL || single_accept()) return;
   uv__io_cb current = server->io_watcher.cb;
   if (current == server_io) return;
   if (libuv_server_io == NULL) libuv_server_io = current;

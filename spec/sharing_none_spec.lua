@@ -48,6 +48,10 @@ describe("sharing, SCHED_NONE", function()
     S.check_addresses(S.fork(1)[1])
   end)
 
+  it("so do they with UV_TCP_SINGLE_ACCEPT=1 (libuv's own accept loop, which returns no address)", function()
+    S.check_addresses(S.fork(1, { UV_TCP_SINGLE_ACCEPT = "1" })[1])
+  end)
+
   it("listening-port (Node test-cluster-listening-port): 'listening' reaches the master with the real port and addressType 4, 6, -1", function()
     local w = S.fork(1)[1]
     local seen = {}
