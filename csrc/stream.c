@@ -14,6 +14,8 @@
 #include <string.h>
 #include <errno.h>
 #include <fcntl.h>
+#include <limits.h>
+#include <sys/socket.h>
 #include <unistd.h>
 
 #define TCP_TNAME "cluster.tcp"
@@ -480,6 +482,34 @@ static int s_read_start(lua_State *L) {
   return 1;
 }
 
+/* recv(2) and send(2) rather than read(2) and write(2), on the paths that are ours: on
+ * a socket they skip the VFS layer (its file position lock, the iterators), as nginx's
+ * calls do. A stream handle is always a socket; read and write stay for anything else. */
+static ssize_t sock_recv(int fd, char *p, size_t n) {
+  ssize_t r;
+  do r = recv(fd, p, n, 0); while (r < 0 && errno == EINTR);
+  if (r < 0 && errno == ENOTSOCK) do r = read(fd, p, n); while (r < 0 && errno == EINTR);
+  return r;
+}
+
+/* uv_try_write's one buffer with send(2): the bytes written, UV_EAGAIN (not now: the
+ * stream is connecting or has writes queued, or the socket is full) or an error. */
+static int try_send(uv_stream_t *s, const char *p, size_t n) {
+  uv_os_fd_t fd;
+  if (s->connect_req != NULL || uv_stream_get_write_queue_size(s) != 0) return UV_EAGAIN;
+  if (uv_fileno((uv_handle_t *)s, &fd) != 0) {
+    uv_buf_t b = uv_buf_init((char *)p, (unsigned)n);
+    return uv_try_write(s, &b, 1); /* (libuv's own error for a stream without one) */
+  }
+  if (n > INT_MAX) n = INT_MAX;
+  ssize_t r;
+  do r = send(fd, p, n, MSG_NOSIGNAL); while (r < 0 && errno == EINTR);
+  if (r < 0 && errno == ENOTSOCK) do r = write(fd, p, n); while (r < 0 && errno == EINTR);
+  if (r >= 0) return (int)r;
+  if (errno == EAGAIN || errno == EWOULDBLOCK || errno == ENOBUFS) return UV_EAGAIN;
+  return uv_translate_sys_error(errno);
+}
+
 /* ---- a new connection's first read ----
  * s:read_soon(): one read(2) at the end of this turn's I/O callbacks (a check handle),
  * for a reading stream whose first bytes are likely on their way: a connection just
@@ -516,8 +546,7 @@ static void read_now(cl_handle *h) {
   if (uv_fileno(&h->u.handle, &fd) != 0) return;
   uv_buf_t buf;
   on_alloc(&h->u.handle, sizeof read_buffer, &buf);
-  ssize_t n;
-  do n = read(fd, buf.base, buf.len); while (n < 0 && errno == EINTR);
+  ssize_t n = sock_recv(fd, buf.base, buf.len);
   if (n < 0 && (errno == EAGAIN || errno == EWOULDBLOCK)) {
     soon_score = soon_score == 0 ? -SOON_SKIP : soon_score - 1;
     return;
@@ -598,8 +627,7 @@ static int s_write(lua_State *L) {
   if (has_cb) luaL_checktype(L, 3, LUA_TFUNCTION);
   size_t done = 0;
   if (len > 0) {
-    uv_buf_t b = uv_buf_init((char *)data, (unsigned)len);
-    int n = uv_try_write(&h->u.stream, &b, 1);
+    int n = try_send(&h->u.stream, data, len);
     if (n >= 0) done = (size_t)n;
     else if (n != UV_EAGAIN && n != UV_ENOSYS) return cl_push_fail(L, n, "write");
   }
