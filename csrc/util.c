@@ -123,19 +123,66 @@ int cl_handle_is_closing(cl_handle *h) {
   return uv_is_closing(&h->u.handle);
 }
 
+/* Callback references. A few functions are the callbacks of every handle of a kind (a
+ * net socket's read callback, its close callback): their registry references are
+ * shared and counted, instead of a luaL_ref and a luaL_unref per handle (some 500
+ * instructions a connection each). The first SHARED_REFS functions that want one get a
+ * slot and keep it while a handle holds them; any other gets a reference of its own.
+ * (The core serves one Lua state: its handles' and its loop's.) */
+#define SHARED_REFS 8
+static struct {
+  const void *fn; /* the function (lua_topointer), while count > 0 */
+  int ref;
+  unsigned count;
+} shared_refs[SHARED_REFS];
+
+/* A registry reference to the function at idx. */
+static int ref_callback(lua_State *L, int idx) {
+  const void *fn = lua_topointer(L, idx);
+  int free_slot = -1;
+  for (int i = 0; i < SHARED_REFS; i++) {
+    if (shared_refs[i].count == 0) {
+      if (free_slot < 0) free_slot = i;
+    } else if (shared_refs[i].fn == fn) {
+      shared_refs[i].count++;
+      return shared_refs[i].ref;
+    }
+  }
+  lua_pushvalue(L, idx);
+  int ref = luaL_ref(L, LUA_REGISTRYINDEX);
+  if (free_slot >= 0) {
+    shared_refs[free_slot].fn = fn;
+    shared_refs[free_slot].ref = ref;
+    shared_refs[free_slot].count = 1;
+  }
+  return ref;
+}
+
+static void unref_callback(lua_State *L, int ref) {
+  if (ref == LUA_NOREF || ref == LUA_REFNIL) return;
+  for (int i = 0; i < SHARED_REFS; i++) {
+    if (shared_refs[i].count > 0 && shared_refs[i].ref == ref) {
+      if (--shared_refs[i].count > 0) return;
+      shared_refs[i].fn = NULL;
+      break;
+    }
+  }
+  luaL_unref(L, LUA_REGISTRYINDEX, ref);
+}
+
 static void on_handle_closed(uv_handle_t *uvh) {
   cl_handle *h = uvh->data;
   lua_State *L = h->L;
   if (h->on_free) h->on_free(h);
   if (h->soon_queued) cl_read_soon_cancel(h);
   int close_ref = h->close_ref;
-  for (int i = 0; i < CL_MAX_CBS; i++) luaL_unref(L, LUA_REGISTRYINDEX, h->cbs[i]);
+  for (int i = 0; i < CL_MAX_CBS; i++) unref_callback(L, h->cbs[i]);
   *h->box = NULL;
   int self_ref = h->self_ref;
   free(h);
   if (close_ref != LUA_NOREF) {
     lua_rawgeti(L, LUA_REGISTRYINDEX, close_ref);
-    luaL_unref(L, LUA_REGISTRYINDEX, close_ref);
+    unref_callback(L, close_ref);
     cl_push_owner_ref(L, self_ref);
     cl_call(L, 1);
   }
@@ -201,8 +248,7 @@ int cl_handle_close_method(lua_State *L) {
   if (!lua_isnoneornil(L, 2)) {
     luaL_checktype(L, 2, LUA_TFUNCTION);
     if (!lua_isnoneornil(L, 3)) cl_set_owner(L, 1, 3);
-    lua_pushvalue(L, 2);
-    h->close_ref = luaL_ref(L, LUA_REGISTRYINDEX);
+    h->close_ref = ref_callback(L, 2);
   }
   cl_handle_close(h);
   return 0;
@@ -262,13 +308,10 @@ void cl_handle_register(lua_State *L, const char *tname, const luaL_Reg *methods
 /* ---- callbacks ---- */
 
 void cl_set_cb(lua_State *L, cl_handle *h, int slot, int idx) {
-  luaL_unref(L, LUA_REGISTRYINDEX, h->cbs[slot]);
+  if (!lua_isnoneornil(L, idx)) luaL_checktype(L, idx, LUA_TFUNCTION);
+  unref_callback(L, h->cbs[slot]);
   h->cbs[slot] = LUA_NOREF;
-  if (!lua_isnoneornil(L, idx)) {
-    luaL_checktype(L, idx, LUA_TFUNCTION);
-    lua_pushvalue(L, idx);
-    h->cbs[slot] = luaL_ref(L, LUA_REGISTRYINDEX);
-  }
+  if (!lua_isnoneornil(L, idx)) h->cbs[slot] = ref_callback(L, idx);
 }
 
 int cl_push_cb(cl_handle *h, int slot) {

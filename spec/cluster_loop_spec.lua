@@ -109,6 +109,49 @@ describe("cluster loop and timers", function()
     H.finish()
   end)
 
+  -- handles that share a callback share its registry reference, counted (csrc/util.c)
+  it("handles sharing callbacks each run their own, while others sharing them close, restart with another, or close from inside it", function()
+    local ran = {}
+    local fns = {}
+    for f = 1, 12 do -- more functions than there are shared references
+      fns[f] = function() ran[#ran + 1] = f end
+    end
+    -- each function is shared by four timers: one closes before it fires, one is
+    -- restarted with the next function, two fire with it
+    local timers, want = {}, {}
+    for i = 1, 48 do
+      local t = core.timer()
+      timers[i] = t
+      t:start(5, 0, fns[(i - 1) % 12 + 1])
+    end
+    for i = 1, 12 do timers[i]:close() end
+    for i = 13, 24 do timers[i]:start(5, 0, fns[(i - 1) % 12 + 1 == 12 and 1 or (i - 1) % 12 + 2]) end
+    for i = 13, 48 do
+      local f = (i - 1) % 12 + 1
+      want[#want + 1] = i <= 24 and f % 12 + 1 or f
+    end
+    table.sort(want)
+    assert.is_true(H.wait_until(function() return #ran >= #want end))
+    H.run_for(20)
+    table.sort(ran)
+    assert.same(want, ran)
+    -- repeating timers sharing one callback, which closes one of them each time it runs
+    local queue, fired = {}, 0
+    local function close_next()
+      fired = fired + 1
+      table.remove(queue, 1):close()
+    end
+    for i = 1, 6 do
+      queue[i] = core.timer()
+      queue[i]:start(1, 1, close_next)
+    end
+    assert.is_true(H.wait_until(function() return #queue == 0 end))
+    H.run_for(20)
+    assert.equal(6, fired)
+    for i = 13, 48 do timers[i]:close() end
+    H.finish()
+  end)
+
   it("an open handle nobody references keeps working; once closed, one full collection frees it", function()
     local weak = setmetatable({}, { __mode = "k" })
     local fired, closed = 0, false

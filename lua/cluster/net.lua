@@ -102,7 +102,7 @@ local Socket = Emitter.mixin({})
 Socket.__index = Socket
 M.Socket = Socket
 
-local start_reading, begin_reading, schedule_flush, closed, closed_soon, connection_listener, accept_stream
+local start_reading, schedule_flush, closed, closed_soon, connection_listener, accept_stream
 
 -- every socket's buffer of unread chunks until it needs one of its own (never written)
 local NO_CHUNKS = {}
@@ -218,7 +218,9 @@ local function socket_from_stream(stream, options, server, remoteAddress, remote
     remoteAddress = remoteAddress, remotePort = remotePort, remoteFamily = remoteFamily,
     localAddress = localAddress, localPort = localPort, localFamily = localFamily,
     bytesRead = 0, bytesWritten = 0, _listeners = false, destroyed = false,
-    _reading = false, _calm = false, _onNewListener = on_new_listener,
+    -- reading and calm (settle()) unless paused, see below: nothing else that
+    -- is_calm() checks holds for a new connection
+    _reading = true, _calm = true, _onNewListener = false,
   }, Socket)
   local paused = false
   if options then
@@ -226,8 +228,18 @@ local function socket_from_stream(stream, options, server, remoteAddress, remote
     paused = options.pauseOnConnect
   end
   if not remoteAddress then set_addresses(self, server) end
-  -- a new connection is calm once it reads: nothing else that is_calm() checks holds yet
-  if paused then self._paused = true else begin_reading(self, true) end
+  if paused then
+    self._reading = false
+    unsettle(self)
+    self._paused = true
+  else -- (start_reading, written out for a new connection)
+    local ok, _, code = read_start(stream, Socket._read, self)
+    if not ok then
+      self._reading = false
+      unsettle(self)
+      self:destroy(uv_error(code, "read"))
+    end
+  end
   return self
 end
 
@@ -241,21 +253,17 @@ function Socket.new(options)
   return new_socket(options)
 end
 
--- Starts the handle reading into Socket._read (or destroys the socket if it can't);
--- `fresh`: a new connection, calm without asking.
-function begin_reading(self, fresh)
-  local ok, _, code = read_start(self._handle, Socket._read, self)
-  if not ok then return self:destroy(uv_error(code, "read")) end
-  self._reading = true
-  if fresh or is_calm(self) then settle(self) end
-end
-
+-- Starts the handle reading into Socket._read, if the socket should read (or destroys
+-- the socket if it can't).
 function start_reading(self)
   if self._reading or self._paused or self.destroyed or self._eof or self._readEnded
      or self.connecting or not self._handle then
     return
   end
-  begin_reading(self)
+  local ok, _, code = read_start(self._handle, Socket._read, self)
+  if not ok then return self:destroy(uv_error(code, "read")) end
+  self._reading = true
+  if is_calm(self) then settle(self) end
 end
 
 local function stop_reading(self)
@@ -1082,7 +1090,9 @@ function connection_listener(self)
     if err then return emit_error(self, err) end
     local h = self._handle
     if not h then return end
-    local ends = local_end(self) or UNKNOWN_END
+    local ends = self._localEnd
+    if ends == nil then ends = local_end(self) end
+    ends = ends or UNKNOWN_END
     local stream, remoteAddress, remotePort, remoteFamily, localAddress, localPort, localFamily =
       stream_accept(h, ends.address, ends.port, ends.family)
     if not stream then
