@@ -10,7 +10,7 @@
  *
  * The watcher's callback, accepted_fd and connection_cb are fields of libuv's public
  * stream struct, but what they mean is its internals: so only the versions this was
- * read against get it (cl_libuv_internals_known), built and running alike. Elsewhere
+ * read against get it (cl_libuv_internals_known, util.c), built and running alike. Elsewhere
  * the stream keeps libuv's loop and the address is asked of the kernel. */
 #define _GNU_SOURCE /* accept4 */
 #include "util.h"
@@ -49,19 +49,6 @@ static void server_io(uv_loop_t *loop, uv__io_t *w, unsigned int events) {
     server->connection_cb(server, 0); /* (which accepts it or closes it: stream.c) */
     pending.fd = -1;
   }
-}
-
-int cl_libuv_internals_known(void) {
-#if UV_VERSION_MAJOR == 1 && UV_VERSION_MINOR >= 30 && UV_VERSION_MINOR < 45 && defined(__linux__)
-  static int known = -1;
-  if (known < 0) {
-    unsigned v = uv_version();
-    known = v >= 0x011e00 && v < 0x012d00;
-  }
-  return known;
-#else
-  return 0;
-#endif
 }
 
 /* libuv's UV_TCP_SINGLE_ACCEPT (a pause after each accept, to let other processes

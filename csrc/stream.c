@@ -157,16 +157,21 @@ void cl_push_sockaddr(lua_State *L, const struct sockaddr *sa) {
 
 /* ---- creation ---- */
 
+static void stream_free(cl_handle *h);
+static void read_soon_cancel(cl_handle *h);
+
 uv_handle_t *cl_stream_new(lua_State *L, uv_handle_type type) {
   cl_handle *h;
   switch (type) {
   case UV_TCP:
     h = cl_handle_new(L, sizeof(cl_handle), TCP_TNAME);
     uv_tcp_init(cl_loop(), &h->u.tcp); /* AF_UNSPEC: creates no socket, cannot fail */
+    h->on_free = stream_free;
     return &h->u.handle;
   case UV_NAMED_PIPE:
     h = cl_handle_new(L, sizeof(cl_handle), PIPE_TNAME);
     uv_pipe_init(cl_loop(), &h->u.pipe, 0);
+    h->on_free = stream_free;
     return &h->u.handle;
   case UV_UDP:
     return cl_udp_new(L, AF_UNSPEC); /* AF_UNSPEC cannot fail either */
@@ -439,7 +444,7 @@ static void on_alloc(uv_handle_t *uvh, size_t suggested, uv_buf_t *buf) {
   cl_handle *h = uvh->data;
   (void)suggested;
   if (h->mark_on_read) mark_before_read(h); /* (libuv reads right after this) */
-  if (h->soon_queued) cl_read_soon_cancel(h); /* libuv's poll got there first */
+  if (h->soon_queued) read_soon_cancel(h); /* libuv's poll got there first */
   buf->base = read_buffer;
   buf->len = sizeof read_buffer;
 }
@@ -529,8 +534,9 @@ static cl_handle *soon_head, *soon_tail; /* the queue, through cl_handle.soon_ne
 static uv_check_t soon_check;
 static int soon_check_ready;
 
-/* Takes a stream off the queue (read_stop, or its handle is being freed). */
-void cl_read_soon_cancel(cl_handle *h) {
+/* Takes a stream off the queue (read_stop, libuv's own read, or its handle is being
+ * freed: stream_free). */
+static void read_soon_cancel(cl_handle *h) {
   cl_handle **p = &soon_head, *prev = NULL;
   while (*p && *p != h) { prev = *p; p = &(*p)->soon_next; }
   if (*p) {
@@ -539,6 +545,10 @@ void cl_read_soon_cancel(cl_handle *h) {
   }
   h->soon_next = NULL;
   h->soon_queued = 0;
+}
+
+static void stream_free(cl_handle *h) {
+  if (h->soon_queued) read_soon_cancel(h);
 }
 
 static void read_now(cl_handle *h) {
@@ -597,7 +607,7 @@ static int s_read_soon(lua_State *L) {
 
 static int s_read_stop(lua_State *L) {
   cl_handle *h = check_stream(L, 1);
-  if (h->soon_queued) cl_read_soon_cancel(h);
+  if (h->soon_queued) read_soon_cancel(h);
   uv_read_stop(&h->u.stream);
   return 0;
 }

@@ -25,6 +25,4 @@ void cl_push_sockaddr_values(lua_State *L, const struct sockaddr *sa);
 
 /* Pushes {address=, port=, family="IPv4"|"IPv6"} for a socket address. */
 void cl_push_sockaddr(lua_State *L, const struct sockaddr *sa);
-/* Takes a stream off the queue of s:read_soon() (its handle is being freed). */
-void cl_read_soon_cancel(cl_handle *h);
 #endif

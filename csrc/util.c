@@ -1,6 +1,5 @@
 /* Shared plumbing: buffers, handle lifetime, protected callbacks, errors, signals. */
 #include "util.h"
-#include "stream.h"
 
 #include <errno.h>
 #include <signal.h>
@@ -174,7 +173,6 @@ static void on_handle_closed(uv_handle_t *uvh) {
   cl_handle *h = uvh->data;
   lua_State *L = h->L;
   if (h->on_free) h->on_free(h);
-  if (h->soon_queued) cl_read_soon_cancel(h);
   int close_ref = h->close_ref;
   for (int i = 0; i < CL_MAX_CBS; i++) unref_callback(L, h->cbs[i]);
   *h->box = NULL;
@@ -198,6 +196,19 @@ void cl_push_owner_ref(lua_State *L, int self_ref) {
   lua_rawgeti(L, LUA_REGISTRYINDEX, self_ref);
   lua_getiuservalue(L, -1, 1);
   lua_remove(L, -2);
+}
+
+int cl_libuv_internals_known(void) {
+#if UV_VERSION_MAJOR == 1 && UV_VERSION_MINOR >= 30 && UV_VERSION_MINOR < 45 && defined(__linux__)
+  static int known = -1;
+  if (known < 0) {
+    unsigned v = uv_version();
+    known = v >= 0x011e00 && v < 0x012d00;
+  }
+  return known;
+#else
+  return 0;
+#endif
 }
 
 /* libuv closes a socket's descriptor with an EPOLL_CTL_DEL first, whether or not it

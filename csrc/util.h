@@ -19,12 +19,13 @@ uv_loop_t *cl_loop(void);
  * phase has never been added. */
 unsigned long cl_poll_phase(void);
 
-/* ---- accepting (accept.c) ----
- * Whether the running libuv is one whose internals the core was read against (1.30 to
- * 1.44 on Linux), for the two places that use them: closing a socket that never
- * reached epoll (cl_handle_close) and accepting with the peer's address. */
+/* Whether the running libuv is one whose internals the core was read against (1.30 to
+ * 1.44 on Linux), for the two places that use them: closing a socket without libuv's
+ * epoll delete (cl_handle_close) and accepting with the peer's address (accept.c). */
 int cl_libuv_internals_known(void);
-/* Makes a listening TCP stream accept with its peers' addresses (after uv_listen). */
+
+/* ---- accepting with the peer's address (accept.c) ----
+ * Makes a listening TCP stream accept with its peers' addresses (after uv_listen). */
 void cl_accept_with_peer(uv_tcp_t *server);
 /* The address of the peer of the connection `server` holds for uv_accept, when it was
  * accepted that way; NULL otherwise (ask the kernel). Valid until that uv_accept. */

@@ -210,27 +210,23 @@ end
 -- kernel.
 local function socket_from_stream(stream, options, server, remoteAddress, remotePort, remoteFamily,
                                   localAddress, localPort, localFamily)
+  local paused = options and options.pauseOnConnect or false
   -- One constructor with the fields a connection's short paths read and write (a
   -- field they miss costs a look in the class): the table is sized once, at 16 slots,
   -- and holds only what the connection changes. The rest stay the class's defaults.
+  -- Unless paused, a new connection reads at once and is calm (settle()): nothing else
+  -- that is_calm() checks holds yet.
+  local reading = not paused
   local self = setmetatable({
     _handle = stream, server = server,
     remoteAddress = remoteAddress, remotePort = remotePort, remoteFamily = remoteFamily,
     localAddress = localAddress, localPort = localPort, localFamily = localFamily,
     bytesRead = 0, bytesWritten = 0, _listeners = false, destroyed = false,
-    -- reading and calm (settle()) unless paused, see below: nothing else that
-    -- is_calm() checks holds for a new connection
-    _reading = true, _calm = true, _onNewListener = false,
+    _reading = reading, _calm = reading, _onNewListener = paused and on_new_listener or false,
   }, Socket)
-  local paused = false
-  if options then
-    if options.allowHalfOpen then self.allowHalfOpen = true end
-    paused = options.pauseOnConnect
-  end
+  if options and options.allowHalfOpen then self.allowHalfOpen = true end
   if not remoteAddress then set_addresses(self, server) end
   if paused then
-    self._reading = false
-    unsettle(self)
     self._paused = true
   else -- (start_reading, written out for a new connection)
     local ok, _, code = read_start(stream, Socket._read, self)
