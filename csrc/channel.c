@@ -342,6 +342,7 @@ static int ch_send(lua_State *L) {
   }
   flush(ch, 0);
   send->alone = 0; /* the other side holds its file too */
+  cl_handle_flush(send); /* (what this side wrote goes before anything the other writes) */
   int cbs = LUA_NOREF;
   if (!lua_isnoneornil(L, 5)) { lua_pushvalue(L, 5); cbs = luaL_ref(L, LUA_REGISTRYINDEX); }
   lua_pushvalue(L, 4);

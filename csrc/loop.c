@@ -1,5 +1,6 @@
 /* The event loop, run in the caller's thread: run / poll / stop, and the clock. */
 #include "util.h"
+#include "stream.h"
 
 #include <signal.h>
 #include <string.h>
@@ -61,7 +62,12 @@ static void raise_pending(lua_State *L) {
 }
 
 static int uv_run_in_lua(lua_State *L) {
-  lua_pushinteger(L, uv_run(cl_loop(), (uv_run_mode)lua_tointeger(L, 1)));
+  uv_run_mode mode = (uv_run_mode)lua_tointeger(L, 1);
+  int previous = cl_push_handler(L);
+  int alive = uv_run(cl_loop(), mode);
+  cl_stream_flush_all(); /* (what the run's last callbacks wrote: see stream.c) */
+  cl_pop_handler(L, previous);
+  lua_pushinteger(L, alive);
   return 1;
 }
 

@@ -8,6 +8,10 @@
  * into it with uv_accept. Returns its uv handle, or NULL (pushing nil) for other kinds. */
 uv_handle_t *cl_stream_new(lua_State *L, uv_handle_type type);
 
+/* Sends every stream's held bytes (the writes of this turn, see stream.c): at the end
+ * of a run of the loop. */
+void cl_stream_flush_all(void);
+
 /* Pushes a new cluster.udp userdata, initialised with uv_udp_init_ex(family), where
  * family is AF_INET, AF_INET6 (the socket is created at once) or AF_UNSPEC (created
  * at bind or accept). Returns its uv handle, or NULL (pushing luv's triple

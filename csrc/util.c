@@ -177,12 +177,14 @@ static void on_handle_closed(uv_handle_t *uvh) {
   for (int i = 0; i < CL_MAX_CBS; i++) unref_callback(L, h->cbs[i]);
   *h->box = NULL;
   int self_ref = h->self_ref;
+  int close_error = h->close_error;
   free(h);
   if (close_ref != LUA_NOREF) {
     lua_rawgeti(L, LUA_REGISTRYINDEX, close_ref);
     unref_callback(L, close_ref);
     cl_push_owner_ref(L, self_ref);
-    cl_call(L, 1);
+    if (close_error) cl_push_error_object(L, close_error, "write", NULL);
+    cl_call(L, close_error ? 2 : 1);
   }
   luaL_unref(L, LUA_REGISTRYINDEX, self_ref);
 }
@@ -238,8 +240,13 @@ static int needs_no_del(cl_handle *h) {
   return h->alone && uv_fileno(&h->u.handle, &fd) == 0 && fd > 2;
 }
 
+void cl_handle_flush(cl_handle *h) {
+  if (h->flush) h->flush(h, 0);
+}
+
 void cl_handle_close(cl_handle *h) {
   if (uv_is_closing(&h->u.handle)) return;
+  if (h->flush) h->flush(h, 1);
   if (needs_no_del(h)) {
     uv_loop_t *loop = h->u.handle.loop;
     int backend = loop->backend_fd;
@@ -286,6 +293,7 @@ int cl_handle_fileno_method(lua_State *L) {
   int err = uv_fileno(&h->u.handle, &fd);
   if (err) return cl_push_fail(L, err, "fileno");
   h->alone = 0; /* whoever asked may share it */
+  cl_handle_flush(h); /* (and may read or write it: what was written comes first) */
   lua_pushinteger(L, fd);
   return 1;
 }
@@ -356,13 +364,38 @@ static int traceback(lua_State *L) {
   return 1;
 }
 
-int cl_call(lua_State *L, int nargs) {
-  int base = lua_gettop(L) - nargs;
+/* A stack slot holding `traceback` while the loop runs (cl_push_handler), or 0. A
+ * callback's pcall then names that slot as its message handler, instead of inserting
+ * the handler under the function and removing it after (two stack rotations per
+ * callback). A callback reached from a nested C call sees another frame, where that
+ * index may hold anything: the slot is used only when it lies below the function and
+ * holds `traceback` (any slot that does is a valid handler). */
+static int handler_slot = 0;
+
+int cl_push_handler(lua_State *L) {
   lua_pushcfunction(L, traceback);
-  lua_insert(L, base);
-  int rc = lua_pcall(L, nargs, 0, base);
+  int previous = handler_slot;
+  handler_slot = lua_gettop(L);
+  return previous;
+}
+
+void cl_pop_handler(lua_State *L, int previous) {
+  (void)L;
+  handler_slot = previous;
+}
+
+int cl_call(lua_State *L, int nargs) {
+  int base = lua_gettop(L) - nargs; /* the function */
+  int handler = handler_slot;
+  int inserted = !(handler > 0 && handler < base && lua_tocfunction(L, handler) == traceback);
+  if (inserted) {
+    lua_pushcfunction(L, traceback);
+    lua_insert(L, base);
+    handler = base;
+  }
+  int rc = lua_pcall(L, nargs, 0, handler);
   if (rc == LUA_OK) {
-    lua_remove(L, base);
+    if (inserted) lua_remove(L, base);
     return 0;
   }
   /* errors queue in order; run()/poll() re-raise one per call, so none is lost */
@@ -374,7 +407,7 @@ int cl_call(lua_State *L, int nargs) {
   lua_insert(L, -2);
   lua_rawseti(L, -2, luaL_len(L, -2) + 1);
   lua_pop(L, 1);
-  lua_remove(L, base);
+  if (inserted) lua_remove(L, base);
   uv_stop(cl_loop());
   return -1;
 }

@@ -74,6 +74,13 @@ typedef struct cl_handle {
   int alone;               /* a stream whose file only this process holds (see cl_handle_close) */
   struct cl_handle *soon_next; /* a stream queued to read at the end of the turn (stream.c) */
   int soon_queued;
+  char *held;              /* a stream's bytes written this turn, not yet sent (stream.c) */
+  size_t held_len, held_cap;
+  struct cl_handle *held_prev, *held_next; /* the streams holding bytes */
+  int close_error;         /* why sending the held bytes at the close failed, or 0 */
+  /* Sends what the handle holds back, before anything that must come after it:
+   * `closing` when the handle is about to close (cl_handle_close). May be NULL. */
+  void (*flush)(struct cl_handle *, int closing);
 } cl_handle;
 
 /* Allocates `size` bytes (>= sizeof(cl_handle), the concept's struct starting with a
@@ -96,8 +103,13 @@ int cl_has_mark(lua_State *L, int idx, const void *mark);
 /* The open handle at idx, whose metatable carries `mark`; else raises a type error
  * naming `expected`, or an argument error for a closed handle. */
 cl_handle *cl_check_marked(lua_State *L, int idx, const void *mark, const char *expected);
-/* Starts closing; the close callback frees everything. Safe to call twice. */
+/* Starts closing; the close callback frees everything. Safe to call twice. A stream's
+ * held bytes are sent first (flush); if that fails, the close callback gets the error
+ * after the owner. */
 void cl_handle_close(cl_handle *h);
+/* Sends what a handle holds back (a stream's writes of this turn), if anything: before
+ * its descriptor is given away (channel.c, fileno). */
+void cl_handle_flush(cl_handle *h);
 int cl_handle_is_closing(cl_handle *h);
 /* A handle's owner: the Lua object wrapping it (a net Socket), kept in the userdata's
  * user value and passed first to the callbacks that were given it, so that the Lua
@@ -123,6 +135,11 @@ int cl_push_cb(cl_handle *h, int slot);
  * traceback. On error the error is kept, the loop stops, and run()/poll() re-raise it.
  * Returns 0 on success, -1 on error. Pops function and arguments; pushes nothing. */
 int cl_call(lua_State *L, int nargs);
+/* While the loop runs, the message handler cl_call uses sits in one stack slot: pushes
+ * it (returning what to give cl_pop_handler) ... */
+int cl_push_handler(lua_State *L);
+/* ... and, once the run is over, forgets it (the caller pops the slot). */
+void cl_pop_handler(lua_State *L, int previous);
 /* Pending error (from a callback) to re-raise: pushes it and returns 1, else 0. */
 int cl_take_error(lua_State *L);
 

@@ -22,9 +22,10 @@ local defer = loop.defer
 local emit = Emitter.emit
 local stream_methods = core.stream_methods
 local ip_family = core.ip_family
-local read_start, read_soon, stream_write, write_queue_size, close_handle, stream_accept =
+local read_start, read_soon, stream_write, write_queue_size, close_handle, close_when_sent, stream_accept =
   stream_methods.read_start, stream_methods.read_soon, stream_methods.write,
-  stream_methods.write_queue_size, stream_methods.close, stream_methods.accept
+  stream_methods.write_queue_size, stream_methods.close, stream_methods.close_when_sent,
+  stream_methods.accept
 
 local M = {}
 
@@ -561,16 +562,13 @@ Socket["end"] = Socket.close
 -- gracefully instead and is destroyed once its writing side is closed.
 -- @treturn Socket self
 function Socket:destroySoon()
-  if self._calm then
-    -- everything written is the kernel's already: close now ('finish' comes with 'close')
-    local h = self._handle
-    if write_queue_size(h) == 0 then
-      self._calm = false -- (its hook stays off: a listener added now has nothing to read)
-      self.destroyed = true
-      self._reading = false
-      close_handle(h, closed_soon, self)
-      return self
-    end
+  -- nothing written waits in the handle's queue: close now, the bytes the core holds
+  -- from this turn's writes sent with the FIN ('finish' comes with 'close')
+  if self._calm and close_when_sent(self._handle, closed_soon, self) then
+    self._calm = false -- (its hook stays off: a listener added now has nothing to read)
+    self.destroyed = true
+    self._reading = false
+    return self
   end
   if self.destroyed or self._destroySoon then return self end
   self._destroySoon = true
@@ -615,14 +613,18 @@ local function report_closed(self, err, finish)
   if on_close then on_close(err and true or false) end
 end
 
--- destroy()'s close callback
-function closed(self)
-  return report_closed(self, self._destroyError, self._finishOnClose)
+-- destroy()'s close callback; `err`: sending what the core held from this turn's
+-- writes failed at the close
+function closed(self, err)
+  local destroy_error = self._destroyError
+  if destroy_error then err = destroy_error end
+  return report_closed(self, err, self._finishOnClose and not err)
 end
 
--- the close callback of destroySoon() on a calm socket: no error, and 'finish' too
-function closed_soon(self)
-  return report_closed(self, false, true)
+-- the close callback of destroySoon() on a calm socket: 'finish' too, unless sending
+-- what was written failed (`err`)
+function closed_soon(self, err)
+  return report_closed(self, err or false, not err)
 end
 
 -- On destroy: the writes still waiting for the connection, and close()'s callbacks
