@@ -8,6 +8,20 @@
  * descriptor. Any other accept error goes to libuv's own loop, which meets it again
  * and handles it as it always does (the EMFILE trick, connection_cb with the error).
  *
+ * A listening socket shared with other processes (SCHED_NONE: every worker accepts
+ * from the master's socket) wakes every process waiting on it for each connection,
+ * and all but one find nothing to accept. So as it starts listening here, the socket
+ * joins the loop's epoll set with EPOLLEXCLUSIVE (Linux 4.5), as uwsgi and unicorn
+ * register theirs: a new connection wakes one process waiting in epoll_wait, and those
+ * busy meanwhile find it when they next poll. libuv would add the descriptor itself as
+ * its next poll begins; the watcher is left as that poll leaves one it added (out of
+ * the queue of watchers to register, its events current). libuv touches the
+ * registration again only when the watcher's events change, which a listening
+ * socket's never do (POLLIN), or after a stop that leaves a connection unaccepted,
+ * which on_connection (stream.c) never does: the EPOLL_CTL_MOD that an exclusive
+ * registration refuses never comes. Where the kernel refuses the flag, libuv adds the
+ * descriptor as usual.
+ *
  * The watcher's callback, accepted_fd and connection_cb are fields of libuv's public
  * stream struct, but what they mean is its internals: so only the versions this was
  * read against get it (cl_libuv_internals_known, util.c), built and running alike. Elsewhere
@@ -17,7 +31,10 @@
 
 #include <errno.h>
 #include <stddef.h>
+#include <poll.h>
 #include <stdlib.h>
+#include <string.h>
+#include <sys/epoll.h>
 #include <sys/socket.h>
 
 static uv__io_cb libuv_server_io; /* libuv's own accept loop, as uv_listen installed it */
@@ -28,6 +45,23 @@ static struct {
   int fd; /* -1 when none */
   struct sockaddr_storage addr;
 } pending = {NULL, -1, {0}};
+
+/* Adds a listening socket's watcher, which uv_listen has just queued for libuv's next
+ * poll to add, to the epoll set with EPOLLEXCLUSIVE instead (see above). The watcher's
+ * queue links are libuv 1.44's QUEUE: void *[2], next then previous. */
+static void add_waking_one(uv_loop_t *loop, uv__io_t *w) {
+  if (w->fd < 0 || w->events != 0 || w->pevents != POLLIN) return; /* (not as read against) */
+  struct epoll_event e;
+  memset(&e, 0, sizeof e);
+  e.events = EPOLLIN | EPOLLEXCLUSIVE;
+  e.data.fd = w->fd; /* (as libuv registers it) */
+  if (epoll_ctl(uv_backend_fd(loop), EPOLL_CTL_ADD, w->fd, &e) != 0) return;
+  void **link = w->watcher_queue;
+  ((void **)link[1])[0] = link[0]; /* previous->next = next */
+  ((void **)link[0])[1] = link[1]; /* next->previous = previous */
+  link[0] = link[1] = link;
+  w->events = w->pevents;
+}
 
 static void server_io(uv_loop_t *loop, uv__io_t *w, unsigned int events) {
   uv_stream_t *server = (uv_stream_t *)((char *)w - offsetof(uv_stream_t, io_watcher));
@@ -69,6 +103,7 @@ void cl_accept_with_peer(uv_tcp_t *server) {
   if (libuv_server_io == NULL) libuv_server_io = current;
   else if (current != libuv_server_io) return; /* not the loop this was read against */
   server->io_watcher.cb = server_io;
+  add_waking_one(server->loop, &server->io_watcher);
 }
 
 const struct sockaddr *cl_accepted_peer(uv_tcp_t *server) {

@@ -396,4 +396,55 @@ describe("sharing, SCHED_NONE", function()
     end, 3000, 50)
     assert.is_true(same, ("fds before %s, after %s"):format(table.concat(before, "/"), table.concat(now, "/")))
   end)
+
+  -- The epoll event masks (/proc/PID/fdinfo of its epoll descriptors) under which a
+  -- process watches the listening TCP socket on `port`, as numbers.
+  local function listen_watch_masks(pid, port)
+    local inodes = {}
+    for _, file in ipairs { "/proc/net/tcp", "/proc/net/tcp6" } do
+      local f = io.open(file)
+      if f then
+        for line in f:lines() do
+          local lport, state, inode = line:match("^%s*%d+:%s+%x+:(%x+)%s+%x+:%x+%s+(%x+)%s+%S+%s+%S+%s+%S+%s+%S+%s+%S+%s+(%d+)")
+          if lport and tonumber(lport, 16) == port and state == "0A" then inodes[tonumber(inode)] = true end
+        end
+        f:close()
+      end
+    end
+    local masks = {}
+    local fds = io.popen("ls /proc/" .. pid .. "/fd")
+    for fd in fds:lines() do
+      local info = io.open("/proc/" .. pid .. "/fdinfo/" .. fd)
+      if info then
+        for line in info:lines() do
+          local events, ino = line:match("^tfd:%s+%d+ events:%s+(%x+) .* ino:(%x+)")
+          if events and inodes[tonumber(ino, 16)] then masks[#masks + 1] = tonumber(events, 16) end
+        end
+        info:close()
+      end
+    end
+    fds:close()
+    return masks
+  end
+
+  it("a connection wakes one waiting worker (EPOLLEXCLUSIVE), and a busy worker holds none up: the other answers them all", function()
+    local EPOLLEXCLUSIVE = 1 << 28
+    local ws = S.fork(2)
+    local port = S.listen_all(ws, "x", at(0))[1].address.port
+    local _, total = S.tally(S.clients(20, at(port), 4))
+    assert.equal(20, total)
+    for i, w in ipairs(ws) do
+      local masks = listen_watch_masks(w.process.pid, port)
+      assert.equal(1, #masks, "worker " .. i .. " watches the listening socket once")
+      assert.is_true(masks[1] & EPOLLEXCLUSIVE ~= 0, ("worker %d's mask: %x"):format(i, masks[1]))
+    end
+    -- worker 1 stops polling for 1.5 s: each connection must wake worker 2
+    S.block(ws[1], 1500)
+    local started = core.hrtime()
+    local by, n, failures = S.tally(S.clients(20, at(port), 1))
+    assert.same({}, failures)
+    assert.equal(20, n)
+    assert.same({ [ws[2].process.pid] = 20 }, by)
+    assert.is_true(core.hrtime() - started < 1.2, "the connections waited for the busy worker")
+  end)
 end)
