@@ -65,6 +65,7 @@ bench: $(SO)
 	$(MAKE) deps EXTRA_PACKAGES="$(BENCH_PACKAGES)"
 	bash bench/run
 	bash bench/http/run
+	bash bench/http/herd
 	bash bench/reload/run
 
 # Does a long-running master leak? Five minutes of churn per scheduling policy
