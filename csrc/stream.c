@@ -538,7 +538,10 @@ static int try_send(uv_stream_t *s, const char *p, size_t n, int flags) {
  * that fails at the close, the close callback, after the owner. What the socket cannot
  * take at the end of the turn waits in libuv's write queue, as any write's rest does;
  * at a close (destroy) it is dropped, as libuv drops its queue then. */
-enum { HOLD_MAX = 16 * 1024 }; /* bytes a stream holds at most (Node's highWaterMark) */
+enum {
+  HOLD_MAX = 16 * 1024, /* bytes a stream holds at most (Node's highWaterMark) */
+  HOLD_KEEP = 1024      /* a buffer kept for the stream's next turns is no larger */
+};
 static cl_handle *held_head;   /* the streams holding bytes (held_prev, held_next) */
 static uv_prepare_t held_prepare;
 static int held_exit_registered;
@@ -589,13 +592,21 @@ static int hold(cl_handle *h, const char *p, size_t n) {
 static int held_send(cl_handle *h, int flags, int closing) {
   char *p = h->held;
   size_t n = h->held_len;
-  h->held_len = 0; /* (the buffer stays for the stream's next turns: stream_free frees it) */
+  h->held_len = 0;
   held_unlink(h);
   if (n == 0) return 0;
   int sent = try_send(&h->u.stream, p, n, flags);
-  if (sent < 0 && sent != UV_EAGAIN) return sent;
-  if (sent < 0) sent = 0;
-  if ((size_t)sent == n || closing) return 0;
+  if (sent < 0) sent = sent == UV_EAGAIN ? 0 : sent;
+  if (sent < 0 || (size_t)sent == n || closing) {
+    /* a small buffer stays for the stream's next turns (stream_free frees it); a large
+     * one would stay with every connection that once wrote that much */
+    if (h->held_cap > HOLD_KEEP) {
+      free(p);
+      h->held = NULL;
+      h->held_cap = 0;
+    }
+    return sent < 0 ? sent : 0;
+  }
   /* the rest goes to libuv's queue with the buffer, which the request then owns */
   h->held = NULL;
   h->held_cap = 0;
