@@ -66,7 +66,7 @@ static int uv_run_in_lua(lua_State *L) {
   int previous = cl_push_handler(L);
   int alive = uv_run(cl_loop(), mode);
   cl_stream_flush_all(); /* (what the run's last callbacks wrote: see stream.c) */
-  cl_pop_handler(L, previous);
+  cl_pop_handler(previous);
   lua_pushinteger(L, alive);
   return 1;
 }

@@ -43,11 +43,18 @@ typedef struct {
   char detail[300]; /* "host:port" or the path, for error messages */
 } stream_req;
 
-static stream_req *req_new(lua_State *L) {
+/* A request with no references yet; NULL when out of memory. */
+static stream_req *req_alloc(lua_State *L) {
   stream_req *r = calloc(1, sizeof *r);
-  if (r == NULL) luaL_error(L, "out of memory");
+  if (r == NULL) return NULL;
   r->L = L;
   r->cb_ref = r->data_ref = r->handle_ref = LUA_NOREF;
+  return r;
+}
+
+static stream_req *req_new(lua_State *L) {
+  stream_req *r = req_alloc(L);
+  if (r == NULL) luaL_error(L, "out of memory");
   return r;
 }
 
@@ -453,10 +460,10 @@ static void on_alloc(uv_handle_t *uvh, size_t suggested, uv_buf_t *buf) {
   buf->len = sizeof read_buffer;
 }
 
-static void on_read(uv_stream_t *stream, ssize_t nread, const uv_buf_t *buf) {
-  cl_handle *h = stream->data;
+/* Calls the read callback with a chunk (nread > 0), the end (UV_EOF) or an error of
+ * `syscall` (a failed read, or a failed send of held bytes). */
+static void call_read_cb(cl_handle *h, ssize_t nread, const uv_buf_t *buf, const char *syscall) {
   lua_State *L = h->L;
-  if (nread == 0) return; /* EAGAIN: nothing to report */
   if (!cl_push_cb(h, SLOT_READ)) return;
   int nargs = 2;
   if (h->read_with_owner) {
@@ -470,10 +477,15 @@ static void on_read(uv_stream_t *stream, ssize_t nread, const uv_buf_t *buf) {
     lua_pushnil(L);
     lua_pushnil(L);
   } else {
-    cl_push_error_object(L, (int)nread, "read", NULL);
+    cl_push_error_object(L, (int)nread, syscall, NULL);
     lua_pushnil(L);
   }
   cl_call(L, nargs);
+}
+
+static void on_read(uv_stream_t *stream, ssize_t nread, const uv_buf_t *buf) {
+  if (nread == 0) return; /* EAGAIN: nothing to report */
+  call_read_cb(stream->data, nread, buf, "read");
 }
 
 /* s:read_start(cb(err, chunk)) or s:read_start(cb(owner, err, chunk), owner); chunk
@@ -610,13 +622,11 @@ static int held_send(cl_handle *h, int flags, int closing) {
   /* the rest goes to libuv's queue with the buffer, which the request then owns */
   h->held = NULL;
   h->held_cap = 0;
-  stream_req *r = calloc(1, sizeof *r);
+  stream_req *r = req_alloc(h->L);
   if (r == NULL) {
     free(p);
     return UV_ENOMEM;
   }
-  r->L = h->L;
-  r->cb_ref = r->data_ref = r->handle_ref = LUA_NOREF;
   r->port = -1;
   r->owned = p;
   r->buf = uv_buf_init(p + sent, (unsigned)(n - (size_t)sent));
@@ -627,16 +637,7 @@ static int held_send(cl_handle *h, int flags, int closing) {
 
 /* A send at the end of the turn failed: the read callback hears it, as a read error. */
 static void report_write_error(cl_handle *h, int err) {
-  lua_State *L = h->L;
-  if (uv_is_closing(&h->u.handle) || !cl_push_cb(h, SLOT_READ)) return;
-  int nargs = 2;
-  if (h->read_with_owner) {
-    cl_push_owner_ref(L, h->self_ref);
-    nargs = 3;
-  }
-  cl_push_error_object(L, err, "write", NULL);
-  lua_pushnil(L);
-  cl_call(L, nargs);
+  if (!uv_is_closing(&h->u.handle)) call_read_cb(h, err, NULL, "write");
 }
 
 /* The end of the turn: every stream's held bytes are sent (a callback that hears of a

@@ -379,8 +379,7 @@ int cl_push_handler(lua_State *L) {
   return previous;
 }
 
-void cl_pop_handler(lua_State *L, int previous) {
-  (void)L;
+void cl_pop_handler(int previous) {
   handler_slot = previous;
 }
 

@@ -139,7 +139,7 @@ int cl_call(lua_State *L, int nargs);
  * it (returning what to give cl_pop_handler) ... */
 int cl_push_handler(lua_State *L);
 /* ... and, once the run is over, forgets it (the caller pops the slot). */
-void cl_pop_handler(lua_State *L, int previous);
+void cl_pop_handler(int previous);
 /* Pending error (from a callback) to re-raise: pushes it and returns 1, else 0. */
 int cl_take_error(lua_State *L);
 

@@ -6,20 +6,7 @@ local core = require "cluster.core"
 local net = require "cluster.net"
 local H = require "helper"
 
--- Runs the loop until cond() holds or `ms` pass, with no other timer than its guard
--- (the loop may sleep as long as nothing is due); returns cond().
-local function run_until(cond, ms)
-  local timed_out = false
-  core.update_time()
-  local guard = core.timer()
-  guard:start(ms or 5000, 0, function() timed_out = true end)
-  local ok, err = pcall(function()
-    while not cond() and not timed_out do core.run_once() end
-  end)
-  guard:close()
-  if not ok then error(err, 0) end
-  return cond() and true or false
-end
+local run_until = H.wait_until
 
 local function settle()
   local deadline = core.hrtime() + 2
